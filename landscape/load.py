@@ -1,0 +1,161 @@
+"""Loading a checkpoint for analysis: model, config, class groups and each group's data.
+
+>>> run = load("checkpoints/digits-ssesam-CE")            # newest checkpoint of the run
+>>> run = load("checkpoints/digits-ssesam-CE/epoch_0010.pt")
+>>> run.groups                                            # {"head": [...], "tail": [...]}
+>>> x, y = run.group_data("tail")                         # un-augmented, normalised
+>>> run.model                                             # in eval mode
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+
+from train import checkpoint as ckpt
+from train.config import Config, ConfigError
+from train.data import LongTailData, load_dataset, normalize
+from train.losses import build_loss
+from train.models import build_model
+
+__all__ = ["Run", "load", "GroupError", "Group"]
+
+Group = Union[str, Sequence[int]]
+
+
+class GroupError(ValueError):
+    """An unknown group name or class id, or an empty group."""
+
+
+def _resolve_path(path: Path) -> Path:
+    if path.is_dir():
+        found = ckpt.list_checkpoints(path)
+        if not found:
+            raise ckpt.CheckpointError(f"{path}: no epoch_NNNN.pt checkpoints in this folder")
+        return found[-1][1]
+    if not path.exists():
+        raise ckpt.CheckpointError(f"{path}: no such checkpoint or run folder")
+    return path
+
+
+@dataclass
+class Run:
+    """One checkpoint of a training run, ready for analysis.
+
+    Attributes:
+        path: the checkpoint file.
+        run_dir: its run folder.
+        epoch: finished epochs when the checkpoint was written.
+        config: the run's :class:`train.config.Config`.
+        model: the network with the checkpoint's weights, in eval mode, on ``device``.
+        device: where the model and data live.
+    """
+
+    path: Path
+    run_dir: Path
+    epoch: int
+    config: Config
+    model: nn.Module
+    device: torch.device
+    data_dir: Optional[str] = None
+    _data: Optional[LongTailData] = field(default=None, repr=False)
+
+    @property
+    def groups(self) -> dict[str, list[int]]:
+        """``{"head": [class ids], "tail": [class ids]}`` by the run's ``eta``."""
+        return self.config.groups
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.spec.num_classes
+
+    @property
+    def data(self) -> LongTailData:
+        """The run's long-tailed training set and balanced test set, on ``device``."""
+        if self._data is None:
+            c = self.config
+            self._data = load_dataset(c.dataset, c.imb_factor, c.selection,
+                                      self.data_dir or c.data_dir).to(self.device)
+        return self._data
+
+    def loss_fn(self, name: Optional[str] = None) -> nn.Module:
+        """Per-sample loss: the run's own, or ``name`` (``CE``, ``LDAM``, ``VS``, ``LA``)."""
+        c = self.config
+        return build_loss(name or c.loss, c.counts, c.gamma_vs, c.tau).to(self.device)
+
+    def classes(self, group: Group) -> list[int]:
+        """Class ids of ``group``: ``head``, ``tail``, ``all``, or a list of ids."""
+        if isinstance(group, str):
+            if group == "all":
+                return list(range(self.num_classes))
+            if group in self.groups:
+                classes = self.groups[group]
+            else:
+                try:
+                    classes = sorted({int(c) for c in group.split(",") if c.strip()})
+                except ValueError:
+                    raise GroupError(f"unknown group {group!r} (head, tail, all, or class ids "
+                                     "like 0,3,7)") from None
+        else:
+            classes = sorted({int(c) for c in group})
+        bad = [c for c in classes if not 0 <= c < self.num_classes]
+        if bad:
+            raise GroupError(f"class id {bad[0]} outside 0..{self.num_classes - 1}")
+        if not classes:
+            raise GroupError(f"group {group!r} has no classes (eta={self.config.eta:g})")
+        return classes
+
+    def group_data(self, group: Group, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+        """``(inputs, targets)`` of every ``split`` sample of the group: normalised, not augmented."""
+        if split not in ("train", "test"):
+            raise GroupError(f"split must be train or test, got {split!r}")
+        classes = self.classes(group)
+        data = self.data
+        x, y = (data.train_x, data.train_y) if split == "train" else (data.test_x, data.test_y)
+        keep = torch.isin(y, torch.tensor(classes, device=y.device))
+        if not bool(keep.any()):
+            raise GroupError(f"group {group!r} has no samples in the {split} split")
+        return normalize(x[keep], data.spec), y[keep]
+
+
+def load(path: Union[str, Path], device: Union[str, torch.device, None] = None,
+         data_dir: Optional[str] = None) -> Run:
+    """Loads a checkpoint (or the newest checkpoint of a run folder) for analysis.
+
+    Args:
+        path: ``epoch_NNNN.pt`` or a run folder.
+        device: where to put the model and data (default: CUDA if available, else CPU).
+        data_dir: where the CIFAR files are, if not where the run found them.
+
+    Raises:
+        train.checkpoint.CheckpointError: unreadable, altered or mismatched files.
+    """
+    path = _resolve_path(Path(path))
+    state = ckpt.load_checkpoint(path)
+    run_dir = path.parent
+    try:
+        config = Config.from_json(ckpt.read_config(run_dir))
+        saved = Config.from_json(state.get("config", {}))
+    except ConfigError as error:
+        raise ckpt.CheckpointError(f"{path}: invalid config ({error})") from None
+    if saved.identity() != config.identity():
+        raise ckpt.CheckpointError(f"{path}: its config differs from {run_dir / 'config.json'} "
+                                   "(checkpoint of another run?)")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    spec = config.spec
+    model = build_model(config.model, spec.image_shape, spec.num_classes, config.width)
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, KeyError, TypeError) as error:
+        first = str(error).strip().splitlines()[0][:200]
+        raise ckpt.CheckpointError(f"{path}: weights do not fit the config's model "
+                                   f"{config.model} ({first})") from None
+    model.to(device).eval()
+    return Run(path, run_dir, int(state["epoch"]), config, model, device, data_dir)

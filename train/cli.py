@@ -1,0 +1,147 @@
+"""``python -m train``: train a long-tailed classifier with SGD, SAM, ImbSAM or SSE-SAM.
+
+Flag names are the SSE-SAM seed code's (``--imb_factor --opt --head_rho ...``). Bad input gets
+one line on stderr and exit status 2, before anything is written; a diverged run exits 3.
+
+Examples::
+
+    python -m train --dataset digits --opt ssesam --epochs 30 --out checkpoints/digits-ssesam
+    python -m train --dataset cifar100 --imb_factor 100 --opt ssesam --head_rho 0.05 \\
+        --tail_rho 0.1 --gamma 0.7 --eta 100 --data_dir data --out checkpoints/c100-ssesam
+    python -m train --resume checkpoints/c100-ssesam
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from train.config import Config, ConfigError
+
+__all__ = ["main", "build_parser", "UsageError"]
+
+EXIT_USAGE = 2
+EXIT_DIVERGED = 3
+
+
+class UsageError(Exception):
+    """Bad command-line input: reported as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse prints usage + message; we want one line
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = Config()  # defaults, for the help text
+    p = _Parser(prog="python -m train", description=__doc__.split("\n\n")[0],
+                argument_default=argparse.SUPPRESS,
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    data = p.add_argument_group("data")
+    data.add_argument("--dataset", choices=["digits", "cifar10", "cifar100"], help=f"[{d.dataset}]")
+    data.add_argument("--data_dir", help="folder holding the CIFAR python batches [data]")
+    data.add_argument("--imb_factor", type=float, help=f"largest / smallest class [{d.imb_factor:g}]")
+    data.add_argument("--selection", choices=["first", "shuffled"],
+                      help="which images of a class are kept [first]")
+    data.add_argument("--eta", type=float,
+                      help="tail = classes with fewer than eta training images "
+                           "[100 for CIFAR, 40 for digits]")
+    model = p.add_argument_group("model and loss")
+    model.add_argument("--model", choices=["resnet32", "resnet34", "mlp", "cnn"],
+                       help="[mlp for digits, resnet32 for CIFAR]")
+    model.add_argument("--width", type=int, help="MLP units / channels of the first stage")
+    model.add_argument("--loss", choices=["CE", "LDAM", "VS", "LA"], help="[CE]")
+    model.add_argument("--gamma_vs", type=float, help="VS loss exponent [0.05]")
+    model.add_argument("--tau", type=float, help="VS / LA prior temperature [0.75]")
+    opt = p.add_argument_group("optimizer")
+    opt.add_argument("--opt", choices=["sgd", "sam", "imbsam", "ssesam"], help="[sgd]")
+    opt.add_argument("--rho", type=float, help="SAM / ImbSAM radius [0.05]")
+    opt.add_argument("--head_rho", type=float, help="SSE-SAM head radius in stage I [0.05]")
+    opt.add_argument("--tail_rho", type=float, help="SSE-SAM tail radius [0.1]")
+    opt.add_argument("--gamma", type=float,
+                     help="SSE-SAM: head_rho applies to epochs < ceil(gamma * epochs) [0.7]")
+    opt.add_argument("--group_reduction", choices=["batch", "group"],
+                     help="group losses divided by the batch size or by the group's size [batch]")
+    opt.add_argument("--tail_scale", type=float,
+                     help="factor on the tail loss (2 = the ImbSAM authors' code) [1]")
+    opt.add_argument("--bn_update", choices=["w", "all"],
+                     help="BatchNorm running stats from the forward at w only, or at every "
+                          "perturbed weight too (seed code) [w]")
+    opt.add_argument("--epochs", type=int, help=f"[{d.epochs}]")
+    opt.add_argument("--batch_size", type=int, help=f"[{d.batch_size}]")
+    opt.add_argument("--lr", type=float, help=f"[{d.lr}]")
+    opt.add_argument("--momentum", type=float, help=f"[{d.momentum}]")
+    opt.add_argument("--wd", type=float, help=f"weight decay [{d.wd}]")
+    run = p.add_argument_group("run")
+    run.add_argument("--seed", type=int, help=f"[{d.seed}]")
+    run.add_argument("--device", help="auto, cpu, cuda or cuda:N [auto]")
+    run.add_argument("--out", help="run folder [checkpoints/DATASET-OPT-LOSS]")
+    run.add_argument("--save_every", type=int, help=f"checkpoint every N epochs [{d.save_every}]")
+    run.add_argument("--tta", type=_bool, nargs="?", const=True,
+                     help="evaluate with horizontal-flip test-time augmentation [false]")
+    run.add_argument("--resume", metavar="RUN_DIR",
+                     help="continue the run in RUN_DIR from its newest good checkpoint")
+    run.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    run.add_argument("--no_progress", action="store_true", help="no progress bar")
+    fast = p.add_argument_group("speed (GPU)")
+    fast.add_argument("--channels_last", type=_bool, nargs="?", const=True, help="[false]")
+    fast.add_argument("--bf16", type=_bool, nargs="?", const=True,
+                      help="bf16 autocast of forwards and backwards [false]")
+    fast.add_argument("--compile", type=_bool, nargs="?", const=True,
+                      help="torch.compile the model [false]")
+    return p
+
+
+_NOT_CONFIG = ("out", "resume", "overwrite", "no_progress")
+
+
+def parse(argv: Optional[Sequence[str]] = None) -> tuple[Config, Path, bool, bool, bool]:
+    """Arguments to ``(config, out, resume, overwrite, progress)``; raises on bad input."""
+    args = vars(build_parser().parse_args(argv))
+    given = {k: v for k, v in args.items() if k not in _NOT_CONFIG}
+    resume = "resume" in args
+    if resume:
+        from train.checkpoint import read_config
+
+        out = Path(args["resume"])
+        stored = Config.from_json(read_config(out))
+        config = dataclasses.replace(stored, **given)
+    else:
+        config = Config(**given)
+        out = Path(args.get("out") or f"checkpoints/{config.dataset}-{config.opt}-{config.loss}")
+    return config, out, resume, bool(args.get("overwrite")), not args.get("no_progress", False)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from train.checkpoint import CheckpointError
+    from train.data import DataError
+    from train.loop import TrainingDiverged, train
+
+    try:
+        config, out, resume, overwrite, progress = parse(argv)
+        train(config, out, resume=resume, overwrite=overwrite, progress=progress,
+              log=lambda m: print(m, file=sys.stderr))
+    except (UsageError, ConfigError, DataError, CheckpointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except TrainingDiverged as error:
+        print(f"error: {error}; the last good checkpoint is kept", file=sys.stderr)
+        return EXIT_DIVERGED
+    except OSError as error:
+        print(f"error: {error.filename or ''}: {error.strerror or error}; earlier checkpoints "
+              "are intact", file=sys.stderr)
+        return EXIT_USAGE
+    print(out)
+    return 0

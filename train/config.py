@@ -1,0 +1,175 @@
+"""The configuration of a training run: defaults, validation, and what ``config.json`` holds.
+
+Defaults are the SSE-SAM seed code's where it has them (SGD lr 0.01, momentum 0.9, weight
+decay 1e-3, batch 64, 200 epochs, cosine schedule, seed 9826, rho 0.05, head_rho 0.05,
+tail_rho 0.1, gamma 0.7, imbalance factor 100). The dataset defaults to the embedded digits-LT,
+whose model defaults to the MLP; CIFAR runs default to the classic ResNet-32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from train.data import SPECS, accuracy_splits, class_counts, split_groups
+from train.losses import LOSSES
+from train.models import DEFAULT_WIDTH, MODELS
+from train.optim import OPTIMIZERS, preset
+
+__all__ = ["Config", "ConfigError", "IDENTITY_EXCLUDED"]
+
+# Fields that may differ between an interrupted run and its resumption.
+IDENTITY_EXCLUDED = ("device", "data_dir", "progress", "compile", "channels_last", "bf16")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything that defines a training run (see ``python -m train --help``)."""
+
+    dataset: str = "digits"
+    data_dir: str = "data"
+    imb_factor: float = 100.0
+    selection: str = "first"
+    eta: Optional[float] = None
+    model: Optional[str] = None
+    width: Optional[int] = None
+    loss: str = "CE"
+    gamma_vs: float = 0.05
+    tau: float = 0.75
+    opt: str = "sgd"
+    rho: float = 0.05
+    head_rho: float = 0.05
+    tail_rho: float = 0.1
+    gamma: float = 0.7
+    group_reduction: str = "batch"
+    tail_scale: float = 1.0
+    bn_update: str = "w"
+    epochs: int = 200
+    batch_size: int = 64
+    lr: float = 0.01
+    momentum: float = 0.9
+    wd: float = 1e-3
+    seed: int = 9826
+    save_every: int = 2
+    tta: bool = False
+    device: str = "auto"
+    channels_last: bool = False
+    bf16: bool = False
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        spec = SPECS.get(self.dataset)
+        if spec is None:
+            raise ConfigError(f"unknown dataset {self.dataset!r} (choose from {', '.join(SPECS)})")
+        if self.model is None:
+            object.__setattr__(self, "model", "mlp" if self.dataset == "digits" else "resnet32")
+        if self.eta is None:
+            object.__setattr__(self, "eta", float(spec.default_eta))
+        if self.width is None:
+            object.__setattr__(self, "width", DEFAULT_WIDTH.get(self.model, 1))
+        self._validate()
+
+    def _validate(self) -> None:
+        def finite(name: str) -> float:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"{name} must be a finite number, got {value!r}")
+            return float(value)
+
+        def integer(name: str, low: int) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+
+        if self.model not in MODELS:
+            raise ConfigError(f"unknown model {self.model!r} (choose from {', '.join(MODELS)})")
+        if self.loss not in LOSSES:
+            raise ConfigError(f"unknown loss {self.loss!r} (choose from {', '.join(LOSSES)})")
+        if self.opt not in OPTIMIZERS:
+            raise ConfigError(f"unknown optimizer {self.opt!r} (choose from {', '.join(OPTIMIZERS)})")
+        if self.selection not in ("first", "shuffled"):
+            raise ConfigError(f"selection must be first or shuffled, got {self.selection!r}")
+        if self.group_reduction not in ("batch", "group"):
+            raise ConfigError(f"group_reduction must be batch or group, got {self.group_reduction!r}")
+        if self.bn_update not in ("w", "all"):
+            raise ConfigError(f"bn_update must be w or all, got {self.bn_update!r}")
+        if finite("imb_factor") < 1:
+            raise ConfigError(f"imb_factor must be >= 1, got {self.imb_factor}")
+        if finite("eta") <= 0:
+            raise ConfigError(f"eta must be > 0, got {self.eta}")
+        for name in ("rho", "head_rho", "tail_rho", "tail_scale", "lr", "momentum", "wd"):
+            if finite(name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= finite("gamma") < 1:
+            raise ConfigError(f"gamma must be in [0, 1), got {self.gamma}")
+        finite("gamma_vs"), finite("tau")
+        integer("epochs", 1)
+        integer("batch_size", 1)
+        integer("save_every", 1)
+        integer("width", 1)
+        integer("seed", 0)
+        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ConfigError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+
+    # Derived facts ---------------------------------------------------------------------------
+
+    @property
+    def spec(self):
+        return SPECS[self.dataset]
+
+    @property
+    def counts(self) -> list[int]:
+        return class_counts(self.spec.n_max, self.spec.num_classes, self.imb_factor)
+
+    @property
+    def groups(self) -> dict[str, list[int]]:
+        return split_groups(self.counts, self.eta)
+
+    def preset(self):
+        return preset(self.opt, rho=self.rho, head_rho=self.head_rho, tail_rho=self.tail_rho,
+                      gamma=self.gamma, epochs=self.epochs)
+
+    def to_json(self) -> dict[str, Any]:
+        """``config.json``: the fields plus the derived class counts, groups and splits."""
+        spec = self.spec
+        p = self.preset()
+        return {
+            **dataclasses.asdict(self),
+            "derived": {
+                "num_classes": spec.num_classes,
+                "image_shape": list(spec.image_shape),
+                "class_counts": self.counts,
+                "groups": self.groups,
+                "splits": accuracy_splits(self.counts, spec),
+                "optimizer_groups": list(p.groups),
+                "switch_epoch": p.switch,
+            },
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Config":
+        """Rebuilds a config from ``config.json`` (unknown keys are an error)."""
+        if not isinstance(data, dict):
+            raise ConfigError("config is not a JSON object")
+        names = {f.name for f in dataclasses.fields(cls)}
+        fields = {k: v for k, v in data.items() if k != "derived"}
+        unknown = sorted(set(fields) - names)
+        if unknown:
+            raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
+        try:
+            return cls(**fields)
+        except TypeError as error:
+            raise ConfigError(str(error)) from None
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that must agree between a run and its resumption."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in IDENTITY_EXCLUDED}
+
+    def replace(self, **changes: Any) -> "Config":
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,260 @@
+"""The training loop: epochs, cosine schedule, evaluation, metrics, checkpoints and resume.
+
+Learning rate of 0-based epoch ``e`` of ``E``: ``lr * (1 + cos(pi * e / E)) / 2`` (cosine
+annealing to 0, no warm-up, set once per epoch as ``CosineAnnealingLR`` does).
+
+Checkpoint ``epoch_NNNN.pt`` is the state after ``NNNN`` finished epochs (``epoch_0000.pt``: the
+initial weights); it holds the model, the base optimizer's state (momentum) and the config, and
+is all ``--resume`` needs: an epoch's data order and augmentation are a function of
+``(seed, epoch)`` and the schedule a function of the epoch, so a resumed run repeats exactly
+what the uninterrupted run would have done.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from train import checkpoint as ckpt
+from train.config import Config, ConfigError
+from train.data import LongTailData, accuracy_splits, epoch_generator, load_dataset, normalize, \
+    train_batches
+from train.losses import build_loss
+from train.models import build_model
+from train.optim import GroupSAM, group_sample_weights
+
+__all__ = ["train", "evaluate", "TrainingDiverged", "RunExists", "resolve_device", "Trainer"]
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite training loss; the last good checkpoint is kept."""
+
+
+class RunExists(ConfigError):
+    """The output folder already holds a run and neither resume nor overwrite was asked."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name} asked for, but CUDA is not available")
+    return device
+
+
+def cosine_lr(base_lr: float, epoch: int, epochs: int) -> float:
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: LongTailData, groups: dict[str, list[int]],
+             tta: bool = False, batch_size: int = 1000) -> dict[str, float]:
+    """Test accuracy in %: overall (mean per class), many / medium / few, head / tail.
+
+    With ``tta`` the logits of each image and of its mirror image are averaged (the seed code's
+    test-time augmentation). The model is put in eval mode and returned to its previous mode.
+    """
+    was_training = model.training
+    model.eval()
+    num_classes = data.spec.num_classes
+    correct = torch.zeros(num_classes, device=data.test_y.device)
+    total = torch.zeros(num_classes, device=data.test_y.device)
+    for start in range(0, data.test_y.shape[0], batch_size):
+        x = normalize(data.test_x[start:start + batch_size], data.spec)
+        y = data.test_y[start:start + batch_size]
+        logits = model(x)
+        if tta:
+            logits = (logits + model(x.flip(3))) / 2
+        hit = (logits.argmax(1) == y).float()
+        correct.index_add_(0, y, hit)
+        total.index_add_(0, y, torch.ones_like(hit))
+    model.train(was_training)
+    per_class = (100.0 * correct / total.clamp_min(1)).cpu()
+    result = {"acc": float(per_class.mean())}
+    named = {**accuracy_splits(data.counts, data.spec), **groups}
+    for name, classes in named.items():
+        result[f"acc_{name}"] = float(per_class[classes].mean()) if classes else float("nan")
+    return result
+
+
+@dataclass
+class Trainer:
+    """The live objects of a run: data on the device, model, loss, optimizer step."""
+
+    config: Config
+    data: LongTailData
+    model: nn.Module
+    loss_fn: nn.Module
+    base_optimizer: torch.optim.Optimizer
+    step: GroupSAM
+    group_of_class: torch.Tensor
+    group_scale: Optional[torch.Tensor]
+    device: torch.device
+
+    @classmethod
+    def build(cls, config: Config, data: Optional[LongTailData] = None,
+              reduce_gradients=None) -> "Trainer":
+        device = resolve_device(config.device)
+        if data is None:
+            data = load_dataset(config.dataset, config.imb_factor, config.selection,
+                                config.data_dir)
+        data = data.to(device)
+        model = build_model(config.model, data.spec.image_shape, data.spec.num_classes,
+                            config.width, seed=config.seed).to(device)
+        if config.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        loss_fn = build_loss(config.loss, data.counts, config.gamma_vs, config.tau).to(device)
+        base = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                               weight_decay=config.wd)
+        step = GroupSAM(model, base, bn_update=config.bn_update, reduce_gradients=reduce_gradients)
+        p = config.preset()
+        group_of_class = torch.zeros(data.spec.num_classes, dtype=torch.long)
+        group_scale = None
+        if p.groups == ("head", "tail"):
+            group_of_class[config.groups["tail"]] = 1
+            group_scale = torch.tensor([1.0, config.tail_scale], device=device)
+        return cls(config, data, model, loss_fn, base, step, group_of_class.to(device),
+                   group_scale, device)
+
+    def train_epoch(self, epoch: int) -> float:
+        """Runs 0-based ``epoch``; returns the mean training loss (raises on a non-finite one)."""
+        config, p = self.config, self.config.preset()
+        for group in self.base_optimizer.param_groups:
+            group["lr"] = cosine_lr(config.lr, epoch, config.epochs)
+        rhos = p.rhos(epoch)
+        self.model.train()
+        losses, sizes = [], []
+        generator = epoch_generator(config.seed, epoch)
+        for inputs, targets in train_batches(self.data, config.batch_size, generator):
+            if config.channels_last:
+                inputs = inputs.contiguous(memory_format=torch.channels_last)
+            weights = group_sample_weights(targets, self.group_of_class, len(p.groups),
+                                           config.group_reduction, self.group_scale)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=config.bf16):
+                losses.append(self.step.step(inputs, targets, self.loss_fn, rhos, weights))
+            sizes.append(targets.shape[0])
+        batch_losses = torch.stack(losses).float().cpu()  # the epoch's one synchronisation
+        bad = (~torch.isfinite(batch_losses)).nonzero()
+        if len(bad):
+            raise TrainingDiverged(f"non-finite training loss at epoch {epoch + 1}, step "
+                                   f"{int(bad[0]) + 1} of {len(losses)}")
+        weights = torch.tensor(sizes, dtype=torch.float32)
+        return float((batch_losses * weights).sum() / weights.sum())
+
+    def state(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.base_optimizer.state_dict(),
+                "config": self.config.to_json()}
+
+    def load_state(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.base_optimizer.load_state_dict(state["optimizer"])
+
+
+def _prepare_folder(config: Config, out: Path, resume: bool, overwrite: bool) -> int:
+    """Checks / clears the run folder; returns the number of epochs already done."""
+    existing = out / "config.json"
+    has_run = existing.exists() or bool(ckpt.list_checkpoints(out))
+    if resume:
+        if not has_run:
+            return -1  # nothing to resume: start fresh
+        stored = Config.from_json(ckpt.read_config(out))
+        if stored.identity() != config.identity():
+            diff = sorted(k for k, v in config.identity().items() if stored.identity().get(k) != v)
+            raise ConfigError(f"{existing}: run was made with different settings ({', '.join(diff)})")
+        return 0
+    if has_run and not overwrite:
+        raise RunExists(f"{out} already holds a run; pass --resume to continue it or "
+                        "--overwrite to replace it")
+    return -1
+
+
+def _latest_good_checkpoint(out: Path) -> tuple[int, dict] | None:
+    for epoch, path in reversed(ckpt.list_checkpoints(out)):
+        try:
+            return epoch, ckpt.load_checkpoint(path)
+        except ckpt.CheckpointError:
+            continue  # a damaged newest file: fall back to the one before
+    return None
+
+
+def train(config: Config, out: str | Path, resume: bool = False, overwrite: bool = False,
+          progress: bool = True, log: Callable[[str], None] = print,
+          data: Optional[LongTailData] = None, reduce_gradients=None,
+          is_writer: bool = True) -> Path:
+    """Trains ``config`` into the run folder ``out`` and returns it.
+
+    Args:
+        config: the run.
+        out: run folder (created).
+        resume: continue the run in ``out`` from its newest good checkpoint.
+        overwrite: replace a run already in ``out``.
+        progress: show a progress bar over epochs.
+        log: where one-line messages go.
+        data: a dataset already built (tests); by default it is built from the config.
+        reduce_gradients: gradient all-reduce for data parallelism (see :class:`GroupSAM`).
+        is_writer: whether this process writes files (rank 0 under torchrun).
+    """
+    out = Path(out)
+    trainer = Trainer.build(config, data=data, reduce_gradients=reduce_gradients)
+    state = _prepare_folder(config, out, resume, overwrite)
+    start = 0
+    if state == 0:
+        found = _latest_good_checkpoint(out)
+        if found is not None:
+            start, saved = found
+            trainer.load_state(saved)
+            log(f"resuming {out} after epoch {start}")
+    if is_writer:
+        if start == 0:
+            if out.exists() and overwrite:
+                _clear_run(out)
+            out.mkdir(parents=True, exist_ok=True)
+            ckpt.atomic_write_json(out / "config.json", config.to_json())
+            ckpt.atomic_write_bytes(out / "metrics.jsonl", b"")
+            ckpt.save_checkpoint(out, 0, trainer.state())
+        else:  # drop metrics of epochs after the checkpoint: they are about to be redone
+            rows = [r for r in ckpt.read_metrics(out) if r.get("epoch", 0) <= start]
+            ckpt.write_lines(out / "metrics.jsonl", rows)
+    _run_epochs(trainer, out, start, progress, log, is_writer)
+    return out
+
+
+def _clear_run(out: Path) -> None:
+    for name in ("config.json", "metrics.jsonl", ckpt.MANIFEST):
+        (out / name).unlink(missing_ok=True)
+    for _, path in ckpt.list_checkpoints(out):
+        path.unlink()
+    for sub in ("hessian", "spectrum", "surface"):
+        if (out / sub).is_dir():
+            shutil.rmtree(out / sub)
+
+
+def _run_epochs(trainer: Trainer, out: Path, start: int, progress: bool, log, is_writer: bool):
+    from tqdm.auto import tqdm
+
+    config, p = trainer.config, trainer.config.preset()
+    bar = tqdm(range(start, config.epochs), initial=start, total=config.epochs, unit="epoch",
+               disable=not progress, desc=f"{config.opt}/{config.loss}", leave=False)
+    for epoch in bar:
+        began = time.perf_counter()
+        train_loss = trainer.train_epoch(epoch)
+        accuracy = evaluate(trainer.model, trainer.data, config.groups, config.tta)
+        row = {"epoch": epoch + 1, "lr": trainer.base_optimizer.param_groups[0]["lr"],
+               "train_loss": train_loss, **accuracy, "stage": p.stage(epoch),
+               "rho": dict(zip(p.groups, p.rhos(epoch))), "tta": config.tta,
+               "seconds": time.perf_counter() - began}
+        bar.set_postfix(loss=f"{train_loss:.3f}", acc=f"{accuracy['acc']:.1f}")
+        if not is_writer:
+            continue
+        ckpt.append_line(out / "metrics.jsonl", row)
+        if (epoch + 1) % config.save_every == 0 or epoch + 1 == config.epochs:
+            ckpt.save_checkpoint(out, epoch + 1, trainer.state())
+    bar.close()
