@@ -1,0 +1,69 @@
+"""``python -m landscape``: analyse training checkpoints per class group.
+
+Subcommands (each lives in its own module, which provides ``add_parser(subparsers)`` and
+``run(args) -> int``)::
+
+    hessian   extreme eigenvalues, trace and the saddle ratio of a group's loss
+    spectrum  Lanczos spectral densities (SLQ) of several groups, as npz, PNG and HTML
+    surface   1-D / 2-D loss and accuracy surfaces along chosen directions
+    report    the saddle report across runs and epochs
+    demo      train the four optimizers on digits-LT, then write the report
+
+Bad input gets one line on stderr and exit status 2, and no partial output file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Optional, Sequence
+
+__all__ = ["main", "UsageError", "SUBCOMMANDS"]
+
+# name -> module implementing it; a module that is not there yet is skipped.
+SUBCOMMANDS = {
+    "hessian": "landscape._cli_hessian",
+    "spectrum": "landscape._cli_hessian",
+    "surface": "landscape._cli_surface",
+    "report": "landscape._cli_report",
+    "demo": "landscape._cli_report",
+}
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """Bad input: one line on stderr, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m landscape", description=__doc__.split("\n\n")[0])
+    subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    seen = set()
+    for module_name in dict.fromkeys(SUBCOMMANDS.values()):
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if error.name == module_name:
+                continue
+            raise
+        if module_name not in seen:
+            module.add_parser(subparsers)
+            seen.add(module_name)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from landscape.errors import USER_ERRORS
+
+    try:
+        args = build_parser().parse_args(argv)
+        return int(args.run(args) or 0)
+    except (UsageError, *USER_ERRORS) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
