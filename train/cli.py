@@ -9,12 +9,15 @@ Examples::
     python -m train --dataset cifar100 --imb_factor 100 --opt ssesam --head_rho 0.05 \\
         --tail_rho 0.1 --gamma 0.7 --eta 100 --data_dir data --out checkpoints/c100-ssesam
     python -m train --resume checkpoints/c100-ssesam
+    torchrun --nproc_per_node 4 -m train --dataset cifar100 --opt ssesam \\
+        --out checkpoints/c100-ssesam   # data parallel: --batch_size is the global batch
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -124,24 +127,42 @@ def parse(argv: Optional[Sequence[str]] = None) -> tuple[Config, Path, bool, boo
     return config, out, resume, bool(args.get("overwrite")), not args.get("no_progress", False)
 
 
+def _say(message: str, every_rank: bool = False) -> None:
+    """One line on stderr; under torchrun only rank 0 speaks (all ranks see the same input)."""
+    rank = os.environ.get("RANK", "0")
+    if every_rank or rank == "0":
+        print(message if rank == "0" else f"[rank {rank}] {message}", file=sys.stderr)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from train import distributed
     from train.checkpoint import CheckpointError
     from train.data import DataError
     from train.loop import TrainingDiverged, train
 
     try:
         config, out, resume, overwrite, progress = parse(argv)
-        train(config, out, resume=resume, overwrite=overwrite, progress=progress,
-              log=lambda m: print(m, file=sys.stderr))
+        device = distributed.setup(config.device)  # torchrun: process group, cuda:LOCAL_RANK
+        if device is not None:
+            config = config.replace(device=device)
+        writer = distributed.is_main()
+        train(config, out, resume=resume, overwrite=overwrite, progress=progress and writer,
+              log=_say, is_writer=writer)
+    except distributed.DistributedError as error:
+        _say(f"error: {error}", every_rank=True)
+        return EXIT_USAGE
     except (UsageError, ConfigError, DataError, CheckpointError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        _say(f"error: {error}")
         return EXIT_USAGE
     except TrainingDiverged as error:
-        print(f"error: {error}; the last good checkpoint is kept", file=sys.stderr)
+        _say(f"error: {error}; the last good checkpoint is kept")
         return EXIT_DIVERGED
     except OSError as error:
-        print(f"error: {error.filename or ''}: {error.strerror or error}; earlier checkpoints "
-              "are intact", file=sys.stderr)
+        _say(f"error: {error.filename or ''}: {error.strerror or error}; earlier checkpoints "
+             "are intact", every_rank=True)
         return EXIT_USAGE
-    print(out)
+    finally:
+        distributed.cleanup()
+    if os.environ.get("RANK", "0") == "0":
+        print(out)
     return 0

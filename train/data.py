@@ -25,7 +25,7 @@ import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -183,11 +183,17 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
 
 
 def train_batches(data: LongTailData, batch_size: int, generator: torch.Generator,
-                  augmentation: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                  augmentation: bool = True, shard: Optional[tuple[int, int]] = None
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One epoch of shuffled, augmented, normalised training batches (the last may be short).
 
     The whole epoch's permutation is drawn up front on the CPU and moved once, so a step needs
     no host synchronisation.
+
+    With ``shard=(rank, world)`` (data parallelism) every global batch of ``batch_size`` is
+    drawn and augmented whole, with the same random numbers as one process, and only its
+    ``rank``-th of ``world`` near-equal contiguous parts (``torch.tensor_split``) is normalised
+    and yielded; a part may be empty when the last batch is shorter than ``world``.
     """
     n = data.train_y.shape[0]
     order = torch.randperm(n, generator=generator).to(data.train_y.device, non_blocking=True)
@@ -196,7 +202,11 @@ def train_batches(data: LongTailData, batch_size: int, generator: torch.Generato
         images = data.train_x[index]
         if augmentation and (data.spec.pad or data.spec.flip):
             images = augment(images, data.spec.pad, data.spec.flip, generator)
-        yield normalize(images, data.spec), data.train_y[index]
+        targets = data.train_y[index]
+        if shard is not None:
+            images = images.tensor_split(shard[1])[shard[0]]
+            targets = targets.tensor_split(shard[1])[shard[0]]
+        yield normalize(images, data.spec), targets
 
 
 # --------------------------------------------------------------------------------------------

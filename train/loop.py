@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from train import checkpoint as ckpt
+from train import distributed
 from train.config import Config, ConfigError
 from train.data import LongTailData, accuracy_splits, epoch_generator, load_dataset, normalize, \
     train_batches
@@ -114,7 +115,14 @@ class Trainer:
         loss_fn = build_loss(config.loss, data.counts, config.gamma_vs, config.tau).to(device)
         base = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                weight_decay=config.wd)
-        step = GroupSAM(model, base, bn_update=config.bn_update, reduce_gradients=reduce_gradients)
+        if distributed.world() > 1:  # torchrun: start from rank 0's weights; sum gradients
+            distributed.broadcast_module(model)
+            if reduce_gradients is None:
+                reduce_gradients = distributed.all_reduce_sum
+        # The step runs the compiled module; ``model`` (same parameters) is kept for state_dict.
+        forward = torch.compile(model) if config.compile else model
+        step = GroupSAM(forward, base, bn_update=config.bn_update,
+                        reduce_gradients=reduce_gradients)
         p = config.preset()
         group_of_class = torch.zeros(data.spec.num_classes, dtype=torch.long)
         group_scale = None
@@ -132,22 +140,45 @@ class Trainer:
         rhos = p.rhos(epoch)
         self.model.train()
         losses, sizes = [], []
+        world, n = distributed.world(), self.data.train_y.shape[0]
+        shard = (distributed.rank(), world) if world > 1 else None  # torchrun: this rank's part
         generator = epoch_generator(config.seed, epoch)
-        for inputs, targets in train_batches(self.data, config.batch_size, generator):
-            if config.channels_last:
-                inputs = inputs.contiguous(memory_format=torch.channels_last)
-            weights = group_sample_weights(targets, self.group_of_class, len(p.groups),
-                                           config.group_reduction, self.group_scale)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=config.bf16):
-                losses.append(self.step.step(inputs, targets, self.loss_fn, rhos, weights))
-            sizes.append(targets.shape[0])
-        batch_losses = torch.stack(losses).float().cpu()  # the epoch's one synchronisation
+        batches = train_batches(self.data, config.batch_size, generator, shard=shard)
+        for start, (inputs, targets) in zip(range(0, n, config.batch_size), batches):
+            size = min(config.batch_size, n - start)  # of the global batch
+            losses.append(self.train_step(inputs, targets, rhos, size))
+            sizes.append(size)
+        batch_losses = torch.stack(losses).float()
+        if world > 1:  # a rank's loss is its part of the global batch's; BN stats per rank
+            distributed.all_reduce_sum([batch_losses])
+            distributed.average_buffers(self.model)
+        batch_losses = batch_losses.cpu()  # the epoch's one synchronisation
         bad = (~torch.isfinite(batch_losses)).nonzero()
         if len(bad):
             raise TrainingDiverged(f"non-finite training loss at epoch {epoch + 1}, step "
                                    f"{int(bad[0]) + 1} of {len(losses)}")
         weights = torch.tensor(sizes, dtype=torch.float32)
         return float((batch_losses * weights).sum() / weights.sum())
+
+    def train_step(self, inputs: torch.Tensor, targets: torch.Tensor, rhos, global_size: int
+                   ) -> torch.Tensor:
+        """One optimizer step on a batch (this rank's part of it under torchrun).
+
+        ``global_size`` is the size of the whole batch across ranks. Returns the (part of the)
+        batch loss as a device tensor; nothing here waits for the device.
+        """
+        config, p = self.config, self.config.preset()
+        if config.channels_last:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        if distributed.world() > 1:
+            weights = distributed.shard_sample_weights(
+                targets, self.group_of_class, len(p.groups), config.group_reduction,
+                self.group_scale, global_size)
+        else:
+            weights = group_sample_weights(targets, self.group_of_class, len(p.groups),
+                                           config.group_reduction, self.group_scale)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=config.bf16):
+            return self.step.step(inputs, targets, self.loss_fn, rhos, weights)
 
     def state(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.base_optimizer.state_dict(),
@@ -212,6 +243,7 @@ def train(config: Config, out: str | Path, resume: bool = False, overwrite: bool
             start, saved = found
             trainer.load_state(saved)
             log(f"resuming {out} after epoch {start}")
+    distributed.barrier()  # under torchrun: every rank has read the folder before rank 0 writes
     if is_writer:
         if start == 0:
             if out.exists() and overwrite:
