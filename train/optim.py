@@ -131,8 +131,9 @@ class GroupSAM:
         base_optimizer: e.g. ``torch.optim.SGD(model.parameters(), lr, momentum=0.9)``.
         bn_update: ``"w"`` (running statistics only from the forward at ``w``) or ``"all"``.
         reduce_gradients: called on each list of group gradients before they are used; under
-            data parallelism it all-reduces them (mean over ranks), so that every perturbation
-            uses the global group gradient and its global norm.
+            data parallelism it all-reduces them in place, so that every perturbation uses the
+            global group gradient and its global norm (the trainer weighs each rank's samples
+            by the global batch size and sums over ranks: ``train.distributed``).
         eps: the constant added to the gradient norm.
     """
 
