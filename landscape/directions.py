@@ -1,0 +1,283 @@
+r"""Directions in parameter space for loss surfaces: random (filter-normalised), Hessian
+eigenvectors, the line between two checkpoints, and the PCA of a checkpoint trajectory.
+
+Every direction is a flat vector over the model's trainable parameters, in the order of
+``model.named_parameters()`` (the layout of ``torch.nn.utils.parameters_to_vector`` and of
+:class:`landscape.hvp.GroupHessian`), so a Hessian eigenvector is a direction as it stands.
+Buffers (BatchNorm running statistics) are not parameters and are never perturbed: a surface is
+the loss at :math:`w + \alpha d_1 + \beta d_2` with the checkpoint's running statistics, the
+model in eval mode.
+
+Filter normalisation (Li et al. 2018, "Visualizing the loss landscape of neural nets"): a
+Gaussian direction :math:`d` is rescaled slice by slice along dimension 0 of each weight (one
+conv filter, one row of a linear layer),
+
+.. math::  d_{k} \leftarrow d_{k} \, \frac{\lVert w_{k} \rVert}{\lVert d_{k} \rVert + 10^{-10}},
+
+so that a step of 1 along ``d`` changes every filter by its own norm and surfaces of networks
+with different weight scales are comparable. One-dimensional parameters (biases, BatchNorm
+scales and shifts) are set to zero (``one_d="zero"``, Li et al.'s ``biasbn`` ignore) or to the
+weights themselves (``one_d="weights"``).
+
+>>> d1, d2 = random_directions(run.model, count=2, seed=0)
+>>> top, bottom = eigen_directions(run, "tail", seed=0)
+>>> line = interpolation_direction(load(ckpt_a), load(ckpt_b))
+>>> pca = trajectory_pca(run)          # pca.directions, pca.coordinates, pca.epochs
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from landscape.errors import AnalysisError
+from train import checkpoint as ckpt
+
+__all__ = [
+    "Direction", "TrajectoryPCA", "NORMALIZATIONS", "ONE_D", "parameter_names",
+    "flat_parameters", "random_directions", "eigen_directions", "interpolation_direction",
+    "trajectory_pca",
+]
+
+NORMALIZATIONS = ("filter", "layer", "none")
+ONE_D = ("zero", "weights")
+
+
+@dataclass(frozen=True, eq=False)
+class Direction:
+    """A direction in parameter space and the recipe that made it.
+
+    Attributes:
+        vector: flat float32 CPU tensor over the trainable parameters (see module docstring).
+        kind: ``"random"``, ``"eigen"``, ``"interpolation"`` or ``"pca"``.
+        recipe: JSON-able settings that recompute ``vector`` (seed, normalisation, group,
+            Lanczos steps, checkpoints, ...) plus facts found on the way (an eigenvalue, an
+            explained variance).
+    """
+
+    vector: torch.Tensor
+    kind: str
+    recipe: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def norm(self) -> float:
+        return float(self.vector.double().norm())
+
+    def digest(self) -> str:
+        """SHA-256 of the vector's float32 bytes: identifies it in a saved surface."""
+        return hashlib.sha256(self.vector.float().contiguous().numpy().tobytes()).hexdigest()
+
+
+def parameter_names(model: nn.Module) -> list[str]:
+    """Names of the trainable parameters, in the order of a flat vector."""
+    return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+def flat_parameters(model: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The weights ``w`` as one flat CPU vector (same layout as every direction)."""
+    return torch.cat([p.detach().reshape(-1).to("cpu", dtype)
+                      for p in model.parameters() if p.requires_grad])
+
+
+def _normalize(d: torch.Tensor, w: torch.Tensor, normalization: str, one_d: str) -> torch.Tensor:
+    """Rescales one parameter's Gaussian draw ``d`` by the weights ``w`` (module docstring)."""
+    if d.dim() <= 1:
+        return torch.zeros_like(d) if one_d == "zero" else w.clone()
+    if normalization == "none":
+        return d
+    if normalization == "layer":
+        return d * (w.norm() / (d.norm() + 1e-10))
+    rows_d, rows_w = d.reshape(d.shape[0], -1), w.reshape(w.shape[0], -1)
+    scale = rows_w.norm(dim=1) / (rows_d.norm(dim=1) + 1e-10)
+    return (rows_d * scale[:, None]).reshape(d.shape)
+
+
+def random_directions(model: nn.Module, count: int = 2, seed: int = 0,
+                      normalization: str = "filter", one_d: str = "zero") -> tuple[Direction, ...]:
+    """``count`` Gaussian directions, normalised as Li et al. (2018).
+
+    The draws come from one CPU ``torch.Generator`` seeded with ``seed``, parameter after
+    parameter, direction after direction, in float32: the result depends on ``seed`` alone (not
+    on the device or the global generator), and the first of ``count=2`` directions is the
+    direction of ``count=1``.
+
+    Args:
+        model: the network at the surface's centre ``w``.
+        count: number of directions (1 for a line, 2 for a plane).
+        seed: seed of the generator.
+        normalization: ``"filter"`` (per slice along dim 0), ``"layer"`` (per parameter tensor)
+            or ``"none"`` (raw Gaussian).
+        one_d: 1-D parameters set to ``"zero"`` or to the ``"weights"``.
+
+    Raises:
+        AnalysisError: an unknown option or ``count < 1``.
+    """
+    if normalization not in NORMALIZATIONS:
+        raise AnalysisError(f"normalization must be one of {', '.join(NORMALIZATIONS)}, "
+                            f"got {normalization!r}")
+    if one_d not in ONE_D:
+        raise AnalysisError(f"one_d must be one of {', '.join(ONE_D)}, got {one_d!r}")
+    if int(count) < 1:
+        raise AnalysisError(f"count must be >= 1, got {count}")
+    generator = torch.Generator().manual_seed(int(seed))
+    weights = [p.detach().to("cpu", torch.float32) for p in model.parameters() if p.requires_grad]
+    directions = []
+    for index in range(int(count)):
+        parts = [_normalize(torch.randn(w.shape, generator=generator, dtype=torch.float32), w,
+                            normalization, one_d).reshape(-1) for w in weights]
+        recipe = {"seed": int(seed), "index": index, "normalization": normalization,
+                  "one_d": one_d}
+        directions.append(Direction(torch.cat(parts), "random", recipe))
+    return tuple(directions)
+
+
+def _fix_sign(vector: torch.Tensor) -> torch.Tensor:
+    """An eigenvector's sign is arbitrary; make its largest-magnitude entry positive so that
+    the same checkpoint always gives the same picture."""
+    return vector if vector[vector.abs().argmax()] >= 0 else -vector
+
+
+def eigen_directions(run, group: str, top: int = 1, bottom: int = 1, seed: int = 0,
+                     steps: Optional[int] = None, split: str = "train",
+                     **lanczos_options: Any) -> tuple[Direction, ...]:
+    """Unit eigenvectors of the Hessian of ``group``'s mean loss: the ``top`` largest, then the
+    ``bottom`` smallest (algebraically: negative eigenvalues at a saddle).
+
+    The vectors are not rescaled: a step of 1 moves the weights by 1 in Euclidean norm, and
+    along the bottom direction the surface curves down exactly when the eigenvalue is negative.
+
+    Args:
+        run: a :class:`landscape.Run`.
+        group: ``head``, ``tail``, ``all`` or class ids.
+        top, bottom: how many eigenvectors of each end.
+        seed: seed of Lanczos's start vector.
+        steps: Lanczos steps (``None``: the Lanczos module's default).
+        split: the group's samples, ``train`` or ``test``.
+        lanczos_options: passed on to :func:`landscape.lanczos.extreme_eigenpairs`.
+    """
+    from landscape.hvp import GroupHessian
+    from landscape.lanczos import extreme_eigenpairs
+
+    op = GroupHessian.from_run(run, group, split=split)
+    if steps is not None:
+        lanczos_options["steps"] = int(steps)
+    result = extreme_eigenpairs(op, top=top, bottom=bottom, seed=seed, **lanczos_options)
+    base = {"group": group if isinstance(group, str) else ",".join(map(str, group)),
+            "split": split, "seed": int(seed), "steps": steps, "loss": op.loss_name}
+    directions = []
+    for end, values, vectors in (("top", result.top, result.top_vectors),
+                                 ("bottom", result.bottom, result.bottom_vectors)):
+        vectors = torch.as_tensor(np.asarray(vectors)) if vectors is not None else None
+        for rank in range(len(values)):
+            v = vectors[:, rank] if vectors.shape[0] == op.n_params else vectors[rank]
+            v = v.to("cpu", torch.float64)
+            v = _fix_sign(v / v.norm())
+            recipe = {**base, "end": end, "rank": rank, "eigenvalue": float(values[rank])}
+            directions.append(Direction(v.float(), "eigen", recipe))
+    return tuple(directions)
+
+
+def _label(model_or_run) -> tuple[nn.Module, dict]:
+    if isinstance(model_or_run, nn.Module):
+        return model_or_run, {}
+    return model_or_run.model, {"checkpoint": str(model_or_run.path), "epoch": model_or_run.epoch}
+
+
+def interpolation_direction(start, end) -> Direction:
+    r"""The line from ``start`` to ``end``: :math:`d = w_{end} - w_{start}`, so that
+    :math:`\alpha = 0` is ``start`` and :math:`\alpha = 1` is ``end`` (surface centred at
+    ``start``). Each may be a :class:`landscape.Run` or a module of the same architecture.
+    """
+    model_a, info_a = _label(start)
+    model_b, info_b = _label(end)
+    names_a, names_b = parameter_names(model_a), parameter_names(model_b)
+    w_a, w_b = flat_parameters(model_a, torch.float64), flat_parameters(model_b, torch.float64)
+    if names_a != names_b or w_a.shape != w_b.shape:
+        raise AnalysisError("the two checkpoints have different parameters (not the same model)")
+    recipe = {"start": info_a, "end": info_b}
+    return Direction((w_b - w_a).float(), "interpolation", recipe)
+
+
+@dataclass(frozen=True, eq=False)
+class TrajectoryPCA:
+    """The principal directions of a run's checkpoint trajectory and its projection.
+
+    Attributes:
+        directions: unit, orthogonal :class:`Direction` s, largest variance first.
+        epochs: epoch of each trajectory checkpoint, oldest first.
+        coordinates: ``(len(epochs), len(directions))``, the projection
+            :math:`\langle w_i - w_{origin}, d_j \rangle` of each checkpoint.
+        explained_variance_ratio: share of the trajectory's variance along each direction.
+        origin_epoch: epoch of the checkpoint the surface is centred at.
+    """
+
+    directions: tuple[Direction, ...]
+    epochs: tuple[int, ...]
+    coordinates: np.ndarray
+    explained_variance_ratio: tuple[float, ...]
+    origin_epoch: int
+
+
+def trajectory_pca(run, count: int = 2, paths: Optional[Sequence[Union[str, Path]]] = None
+                   ) -> TrajectoryPCA:
+    r"""PCA of the checkpoints of ``run``'s folder up to ``run.epoch`` (Li et al. 2018, sec. 7).
+
+    The trajectory :math:`w_0, \dots, w_T` (the origin :math:`w_T` = ``run``'s checkpoint
+    included) is centred and its top ``count`` right singular vectors, computed in float64, are
+    the directions. The sign of each is chosen so that the oldest checkpoint has a negative
+    coordinate: training then runs towards ``+`` along both axes and ends at the origin.
+
+    Args:
+        run: a :class:`landscape.Run`; its checkpoint is the origin.
+        count: number of directions.
+        paths: checkpoint files of the same run to use instead of the run folder's.
+
+    Raises:
+        AnalysisError: fewer than ``count + 1`` checkpoints, or a rank-deficient trajectory.
+    """
+    names = parameter_names(run.model)
+    if paths is None:
+        found = [(e, p) for e, p in ckpt.list_checkpoints(run.run_dir) if e <= run.epoch]
+    else:
+        found = []
+        for path in paths:
+            state = ckpt.load_checkpoint(path)
+            found.append((int(state["epoch"]), Path(path)))
+        found.sort()
+    if len(found) < count + 1:
+        raise AnalysisError(f"{run.run_dir}: PCA of {count} directions needs at least "
+                            f"{count + 1} checkpoints up to epoch {run.epoch}, found {len(found)}")
+    origin = flat_parameters(run.model, torch.float64)
+    rows = []
+    for _, path in found:
+        state = ckpt.load_checkpoint(path)["model"]
+        missing = [n for n in names if n not in state]
+        if missing:
+            raise AnalysisError(f"{path}: no parameter {missing[0]!r} (another model?)")
+        rows.append(torch.cat([state[n].reshape(-1).to(torch.float64) for n in names]) - origin)
+    offsets = torch.stack(rows)                      # (T + 1, n): w_i - w_origin
+    centred = offsets - offsets.mean(dim=0, keepdim=True)
+    _, singular, vt = torch.linalg.svd(centred, full_matrices=False)
+    variance = singular ** 2
+    if variance.sum() <= 0 or len(variance) < count or variance[count - 1] <= 1e-24 * variance[0]:
+        raise AnalysisError(f"{run.run_dir}: the checkpoints span fewer than {count} directions")
+    basis = vt[:count].clone()
+    coordinates = offsets @ basis.T                  # (T + 1, count)
+    for j in range(count):
+        if coordinates[0, j] > 0:
+            basis[j], coordinates[:, j] = -basis[j], -coordinates[:, j]
+    ratio = (variance[:count] / variance.sum()).tolist()
+    epochs = tuple(e for e, _ in found)
+    directions = tuple(
+        Direction(basis[j].float(), "pca",
+                  {"index": j, "epochs": list(epochs), "origin_epoch": run.epoch,
+                   "checkpoints": [str(p) for _, p in found],
+                   "explained_variance_ratio": ratio[j]})
+        for j in range(count))
+    return TrajectoryPCA(directions, epochs, coordinates.numpy(), tuple(ratio), run.epoch)

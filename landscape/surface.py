@@ -1,0 +1,404 @@
+r"""1-D and 2-D loss and accuracy surfaces of class groups, resumable on disk.
+
+A surface along directions :math:`d_1` (and :math:`d_2`) around the weights :math:`w` is
+
+.. math::
+    L_G(\alpha, \beta) = \frac{1}{|G|} \sum_{i \in G} \ell\big(f(x_i; w + \alpha d_1 + \beta d_2),
+    y_i\big), \qquad
+    A_G(\alpha, \beta) = \frac{100}{|G|} \sum_{i \in G} [\hat y_i = y_i],
+
+for each group :math:`G` (``head``, ``tail``, and always ``all``: every sample of the split),
+over the group's un-augmented samples, model in eval mode (BatchNorm uses the checkpoint's
+running statistics, which are not perturbed), without gradients. One forward pass over the
+evaluation set per grid point gives every group at once: the per-sample losses and hits are
+reduced by a ``(groups, samples)`` membership matrix, in float64.
+
+Arrays are indexed ``[j, i]`` = ``(beta_j, alpha_i)``: rows follow ``betas``, columns
+``alphas`` (what ``matplotlib.contour(alphas, betas, Z)`` and plotly expect); a 1-D surface is
+indexed ``[i]``.
+
+How the grid points are evaluated (``method``), measured in ``bench/bench_surface.py`` (figures
+in BENCHMARKS.md, "Loss surfaces"):
+
+* ``"loop"`` (default): a Python loop over points. The model's parameters are views into one
+  flat buffer, so moving to a point is two vector operations (``w + a d1``, ``+ b d2``), then one
+  forward over the evaluation set in large batches.
+* ``"vmap"``: ``torch.func.vmap`` of ``functional_call`` over chunks of points, the chunk's
+  weights stacked. On the 2-core CPU it was slower than the loop for the digits MLP and CNN
+  (the batched matmuls and convolutions lose more than the saved Python overhead); it stays an
+  option for hardware where that may differ (GPUs: not measured yet).
+
+The surface file (``.npz``) is rewritten atomically every ``save_every`` points with what is
+done so far (``done`` mask, NaN elsewhere), so an interrupted computation resumes where it
+stopped; it records the checkpoint, the directions (vectors, recipes and digests: seeds,
+normalisation, Lanczos settings), the groups and their classes, the split, the loss and the
+grid, which is everything needed to recompute it.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.func import functional_call
+
+from landscape.directions import Direction
+from landscape.errors import AnalysisError
+from train.checkpoint import atomic_write_bytes
+
+__all__ = ["Surface", "SurfaceEvaluator", "compute_surface", "grid_axis", "METHODS", "FORMAT"]
+
+FORMAT = "landscape-surface/1"
+METHODS = ("loop", "vmap")
+# Settings that do not change the numbers beyond rounding: a file may be resumed with others.
+_NOT_IDENTITY = ("method", "batch_size", "request")
+
+
+def grid_axis(points: int, low: float = -1.0, high: float = 1.0) -> np.ndarray:
+    """``points`` evenly spaced coordinates from ``low`` to ``high`` (both included).
+
+    Raises:
+        AnalysisError: fewer than 2 points, or ``low >= high``, or a non-finite bound.
+    """
+    if isinstance(points, bool) or int(points) != points or points < 2:
+        raise AnalysisError(f"a grid needs at least 2 points per axis, got {points}")
+    if not (np.isfinite(low) and np.isfinite(high) and low < high):
+        raise AnalysisError(f"grid range must be finite with low < high, got [{low}, {high}]")
+    return np.linspace(float(low), float(high), int(points))
+
+
+class SurfaceEvaluator:
+    """Group losses and accuracies at points :math:`w + \\sum_k c_k d_k`.
+
+    Args:
+        model: the network at ``w``; it is copied (cast to ``dtype``, eval mode, no gradients),
+            the caller's module is left untouched.
+        loss_fn: per-sample loss ``(logits, targets) -> (B,)``.
+        inputs, targets: the evaluation set (normalised, not augmented).
+        memberships: ``(G, N)`` bool, sample ``i`` belongs to group ``g``.
+        directions: flat vectors over the trainable parameters.
+        dtype: dtype of weights, inputs and forward passes.
+        method: ``"loop"`` or ``"vmap"`` (module docstring).
+        batch_size: samples per forward (default: all of them, at most 4096).
+        chunk: points per vmapped call.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: Callable, inputs: torch.Tensor,
+                 targets: torch.Tensor, memberships: torch.Tensor,
+                 directions: Sequence[torch.Tensor], *, dtype: torch.dtype = torch.float32,
+                 method: str = "loop", batch_size: Optional[int] = None, chunk: int = 8):
+        if method not in METHODS:
+            raise AnalysisError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+        self.method = method
+        self.dtype = dtype
+        self.chunk = max(1, int(chunk))
+        self.model = copy.deepcopy(model).to(dtype=dtype).eval()
+        self.loss_fn = loss_fn
+        device = next(iter(self.model.parameters())).device
+        self.device = device
+        # Directions cover the trainable parameters only (the layout of landscape.directions).
+        named = [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
+        self.model.requires_grad_(False)
+        params = [p for _, p in named]
+        self.names = [name for name, _ in named]
+        self.shapes = [p.shape for p in params]
+        self.sizes = [p.numel() for p in params]
+        n = sum(self.sizes)
+        for d in directions:
+            if d.numel() != n:
+                raise AnalysisError(f"a direction has {d.numel()} entries, the model {n} "
+                                    "parameters (direction of another model?)")
+        # The parameters become views into one flat buffer: a grid point is then written with
+        # one or two vector operations instead of one copy per parameter tensor.
+        self.w0 = torch.cat([p.detach().reshape(-1) for p in params]).clone()
+        self.flat = self.w0.clone()
+        offset = 0
+        for p, size in zip(params, self.sizes):
+            p.data = self.flat[offset:offset + size].view_as(p)
+            offset += size
+        self.directions = torch.stack([d.to(device, dtype).reshape(-1) for d in directions])
+        self.buffers = dict(self.model.named_buffers())
+        self.inputs = inputs.to(device, dtype)
+        self.targets = targets.to(device)
+        self.memberships = memberships.to(device, torch.float64)
+        self.counts = self.memberships.sum(dim=1)
+        if bool((self.counts == 0).any()):
+            raise AnalysisError("a group has no samples in the evaluation set")
+        n_samples = int(self.targets.shape[0])
+        self.batch_size = int(batch_size) if batch_size else max(1, min(n_samples, 4096))
+
+    def _reduce(self, losses: torch.Tensor, hits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample ``(P, N)`` losses and hits -> per-group ``(P, G)`` means."""
+        group_loss = losses.to(torch.float64) @ self.memberships.T / self.counts
+        group_acc = 100.0 * (hits.to(torch.float64) @ self.memberships.T) / self.counts
+        return group_loss, group_acc
+
+    @torch.inference_mode()
+    def _loop(self, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n_samples = self.targets.shape[0]
+        losses = torch.empty(coords.shape[0], n_samples, dtype=self.dtype, device=self.device)
+        hits = torch.empty(coords.shape[0], n_samples, dtype=torch.bool, device=self.device)
+        for row, c in enumerate(coords.tolist()):
+            torch.add(self.w0, self.directions[0], alpha=c[0], out=self.flat)
+            for k in range(1, len(c)):
+                self.flat.add_(self.directions[k], alpha=c[k])
+            for start in range(0, n_samples, self.batch_size):
+                stop = start + self.batch_size
+                logits = self.model(self.inputs[start:stop])
+                y = self.targets[start:stop]
+                losses[row, start:stop] = self.loss_fn(logits, y)
+                hits[row, start:stop] = logits.argmax(dim=1) == y
+        return self._reduce(losses, hits)
+
+    @torch.inference_mode()
+    def _vmap(self, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n_samples = self.targets.shape[0]
+        names, shapes, sizes, model, buffers = (self.names, self.shapes, self.sizes, self.model,
+                                                self.buffers)
+
+        def forward(flat_weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+            parts = torch.split(flat_weights, sizes)
+            state = {**{n: p.view(s) for n, p, s in zip(names, parts, shapes)}, **buffers}
+            return functional_call(model, state, (x,))
+
+        batched = torch.func.vmap(forward, in_dims=(0, None))
+        out_loss, out_acc = [], []
+        for first in range(0, coords.shape[0], self.chunk):
+            block = coords[first:first + self.chunk].to(self.device, self.dtype)
+            weights = self.w0 + block @ self.directions          # (K, n)
+            k = weights.shape[0]
+            losses = torch.empty(k, n_samples, dtype=self.dtype, device=self.device)
+            hits = torch.empty(k, n_samples, dtype=torch.bool, device=self.device)
+            for start in range(0, n_samples, self.batch_size):
+                stop = start + self.batch_size
+                x, y = self.inputs[start:stop], self.targets[start:stop]
+                logits = batched(weights, x)                     # (K, B, C)
+                flat_logits = logits.reshape(-1, logits.shape[-1])
+                losses[:, start:stop] = self.loss_fn(flat_logits, y.repeat(k)).view(k, -1)
+                hits[:, start:stop] = logits.argmax(dim=-1) == y
+            group_loss, group_acc = self._reduce(losses, hits)
+            out_loss.append(group_loss)
+            out_acc.append(group_acc)
+        return torch.cat(out_loss), torch.cat(out_acc)
+
+    def __call__(self, coords: Union[np.ndarray, Sequence[Sequence[float]]]
+                 ) -> tuple[np.ndarray, np.ndarray]:
+        """``(P, k)`` coordinates -> ``(P, G)`` mean losses and ``(P, G)`` accuracies in %."""
+        coords = torch.as_tensor(np.asarray(coords, dtype=np.float64)).reshape(
+            -1, self.directions.shape[0])
+        if self.method == "loop":
+            loss, acc = self._loop(coords)
+        else:
+            loss, acc = self._vmap(coords)
+        return loss.cpu().numpy(), acc.cpu().numpy()
+
+
+@dataclass(frozen=True, eq=False)
+class Surface:
+    """A (possibly partial) surface and everything needed to recompute it.
+
+    Attributes:
+        alphas: coordinates along the first direction.
+        betas: coordinates along the second direction; ``None`` for a 1-D surface.
+        loss: group name -> mean loss, shape ``(len(betas), len(alphas))`` or ``(len(alphas),)``,
+            NaN where not computed yet.
+        accuracy: group name -> accuracy in %, same shape.
+        done: bool mask of computed points, same shape.
+        directions: the directions' flat float32 vectors.
+        meta: JSON-able settings (checkpoint, epoch, directions' kinds / recipes / digests,
+            groups and their classes, split, loss, dtype, ...).
+    """
+
+    alphas: np.ndarray
+    betas: Optional[np.ndarray]
+    loss: Mapping[str, np.ndarray]
+    accuracy: Mapping[str, np.ndarray]
+    done: np.ndarray
+    directions: tuple[np.ndarray, ...]
+    meta: Mapping[str, Any]
+
+    @property
+    def groups(self) -> list[str]:
+        return list(self.loss)
+
+    @property
+    def ndim(self) -> int:
+        return 1 if self.betas is None else 2
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.done.all())
+
+    def direction_objects(self) -> tuple[Direction, ...]:
+        """The stored directions as :class:`Direction` s (to resume without recomputing)."""
+        return tuple(Direction(torch.from_numpy(np.array(v, dtype=np.float32)), d["kind"],
+                               d["recipe"])
+                     for v, d in zip(self.directions, self.meta["directions"]))
+
+    def centre(self, group: str = "all") -> tuple[float, float]:
+        """``(loss, accuracy)`` of ``group`` at the grid point nearest the origin."""
+        index = (int(np.abs(self.alphas).argmin()),)
+        if self.betas is not None:
+            index = (int(np.abs(self.betas).argmin()),) + index
+        return float(self.loss[group][index]), float(self.accuracy[group][index])
+
+    def to_bytes(self) -> bytes:
+        arrays = {"alphas": self.alphas, "done": self.done,
+                  "meta": np.array(json.dumps(dict(self.meta), sort_keys=True))}
+        if self.betas is not None:
+            arrays["betas"] = self.betas
+        for k, name in enumerate(self.groups):
+            arrays[f"loss_{k}"] = self.loss[name]
+            arrays[f"accuracy_{k}"] = self.accuracy[name]
+        for k, vector in enumerate(self.directions):
+            arrays[f"direction_{k}"] = vector
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        return buffer.getvalue()
+
+    def save(self, path: Union[str, Path]) -> None:
+        """Atomically writes the ``.npz``: the old file or the new one, never half of one."""
+        atomic_write_bytes(path, self.to_bytes())
+
+    @classmethod
+    def load(cls, path: Union[str, Path]) -> "Surface":
+        """Reads a surface file (no pickles).
+
+        Raises:
+            AnalysisError: not a readable surface file.
+        """
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                meta = json.loads(str(f["meta"]))
+                if meta.get("format") != FORMAT:
+                    raise ValueError(f"format {meta.get('format')!r}, {FORMAT} expected")
+                groups = meta["group_names"]
+                return cls(
+                    alphas=f["alphas"], betas=f["betas"] if "betas" in f else None,
+                    loss={g: f[f"loss_{k}"] for k, g in enumerate(groups)},
+                    accuracy={g: f[f"accuracy_{k}"] for k, g in enumerate(groups)},
+                    done=f["done"].astype(bool),
+                    directions=tuple(f[f"direction_{k}"] for k in range(len(meta["directions"]))),
+                    meta=meta)
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise AnalysisError(f"{path}: not a readable surface file ({error})") from None
+
+
+def _identity(meta: Mapping[str, Any]) -> dict:
+    return {k: v for k, v in meta.items() if k not in _NOT_IDENTITY}
+
+
+def _changed(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    a, b = _identity(old), _identity(new)
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+def compute_surface(run, directions: Sequence[Direction], alphas: Sequence[float],
+                    betas: Optional[Sequence[float]] = None, *,
+                    groups: Sequence[str] = ("head", "tail"), split: str = "train",
+                    loss: Optional[str] = None, dtype: torch.dtype = torch.float32,
+                    method: str = "loop", batch_size: Optional[int] = None,
+                    path: Union[str, Path, None] = None, save_every: Optional[int] = None,
+                    progress: Optional[Callable[[int], object]] = None,
+                    request: Optional[Mapping[str, Any]] = None) -> Surface:
+    """Computes (or resumes) the surface of ``run`` along one or two directions.
+
+    Args:
+        run: a :class:`landscape.Run`: the centre ``w`` and the data.
+        directions: one direction (with ``betas=None``) or two.
+        alphas, betas: grid coordinates (see :func:`grid_axis`).
+        groups: group names (``head``, ``tail``, ``all``, or class ids like ``"0,3"``);
+            ``all`` is added when absent.
+        split: evaluation samples, ``train`` or ``test``.
+        loss: per-sample loss name (default: the run's own).
+        dtype: dtype of the forward passes (float32; float64 for references).
+        method: ``"loop"`` or ``"vmap"``.
+        batch_size: samples per forward pass.
+        path: ``.npz`` to save to every ``save_every`` points and to resume from.
+        save_every: points between saves (default: a row of the grid, or a tenth of a line).
+        progress: called with the number of points finished after each block.
+        request: caller's settings (e.g. the command line), stored in the file, not compared.
+
+    Raises:
+        AnalysisError: a grid with fewer than 2 points, a direction count that does not match
+            the grid, or a file at ``path`` holding a surface with other settings.
+    """
+    alphas = np.asarray(alphas, dtype=np.float64)
+    if alphas.ndim != 1 or len(alphas) < 2:
+        raise AnalysisError(f"a grid needs at least 2 points per axis, got {alphas.size}")
+    if betas is not None:
+        betas = np.asarray(betas, dtype=np.float64)
+        if betas.ndim != 1 or len(betas) < 2:
+            raise AnalysisError(f"a grid needs at least 2 points per axis, got {betas.size}")
+    wanted = 1 if betas is None else 2
+    if len(directions) != wanted:
+        raise AnalysisError(f"a {wanted}-D surface needs {wanted} direction(s), "
+                            f"got {len(directions)}")
+    names = list(dict.fromkeys(str(g) for g in groups))
+    if "all" not in names:
+        names.append("all")
+    classes = {name: run.classes(name) for name in names}
+    loss_name = loss or run.config.loss
+    meta = {
+        "format": FORMAT, "checkpoint": str(run.path), "epoch": int(run.epoch),
+        "run_dir": str(run.run_dir), "dataset": run.config.dataset, "model": run.config.model,
+        "directions": [{"kind": d.kind, "recipe": dict(d.recipe), "digest": d.digest(),
+                        "norm": d.norm} for d in directions],
+        "group_names": names, "groups": classes, "split": split, "loss": loss_name,
+        "dtype": str(dtype).replace("torch.", ""), "alphas": alphas.tolist(),
+        "betas": None if betas is None else betas.tolist(),
+        "method": method, "batch_size": batch_size, "request": dict(request or {}),
+    }
+    shape = (len(alphas),) if betas is None else (len(betas), len(alphas))
+    surface = Surface(alphas, betas, {g: np.full(shape, np.nan) for g in names},
+                      {g: np.full(shape, np.nan) for g in names}, np.zeros(shape, dtype=bool),
+                      tuple(d.vector.float().numpy().copy() for d in directions), meta)
+    if path is not None and Path(path).exists():
+        previous = Surface.load(path)
+        changed = _changed(previous.meta, meta)
+        if changed:
+            raise AnalysisError(f"{path} holds a surface with other settings "
+                                f"({', '.join(changed)}); remove it or choose another output")
+        surface = Surface(alphas, betas, {g: previous.loss[g].copy() for g in names},
+                          {g: previous.accuracy[g].copy() for g in names}, previous.done.copy(),
+                          surface.directions, meta)
+    if surface.complete:
+        return surface
+
+    inputs, targets = run.group_data("all", split)
+    memberships = torch.stack([torch.isin(targets, torch.tensor(classes[g], device=targets.device))
+                               for g in names])
+    evaluator = SurfaceEvaluator(run.model, run.loss_fn(loss), inputs, targets, memberships,
+                                 [d.vector for d in directions], dtype=dtype, method=method,
+                                 batch_size=batch_size)
+    if betas is None:
+        coords = alphas[:, None]
+    else:
+        b, a = np.meshgrid(betas, alphas, indexing="ij")         # row j: beta_j
+        coords = np.stack([a.reshape(-1), b.reshape(-1)], axis=1)
+    flat_done = surface.done.reshape(-1)
+    pending = np.flatnonzero(~flat_done)
+    if save_every is None:
+        save_every = len(alphas) if betas is not None else max(1, len(alphas) // 10)
+    save_every = max(1, int(save_every))
+    flat_loss = {g: surface.loss[g].reshape(-1) for g in names}      # views: writes land in place
+    flat_acc = {g: surface.accuracy[g].reshape(-1) for g in names}
+    for first in range(0, len(pending), save_every):
+        block = pending[first:first + save_every]
+        group_loss, group_acc = evaluator(coords[block])
+        for k, g in enumerate(names):
+            flat_loss[g][block] = group_loss[:, k]
+            flat_acc[g][block] = group_acc[:, k]
+        flat_done[block] = True
+        if path is not None:
+            surface.save(path)
+        if progress is not None:
+            progress(len(block))
+    return surface
