@@ -1,0 +1,291 @@
+"""Figures: matplotlib PNGs (Agg backend, no display needed) and self-contained plotly HTML files
+(``include_plotlyjs=True``: they open offline, with no network).
+
+Every function writes one file atomically (``train.checkpoint.atomic_write_bytes``) and returns
+its path.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+from typing import Mapping, Optional, Sequence, Union
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: never ask for a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from train.checkpoint import atomic_write_bytes  # noqa: E402
+
+PathLike = Union[str, Path]
+
+
+def _save_png(fig, path: PathLike, dpi: int = 120) -> Path:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+    return Path(path)
+
+
+def _save_html(fig, path: PathLike) -> Path:
+    html = fig.to_html(include_plotlyjs=True, full_html=True)
+    atomic_write_bytes(path, html.encode("utf-8"))
+    return Path(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Loss surfaces (landscape.surface)
+
+_QUANTITY_LABEL = {"loss": "loss", "accuracy": "accuracy (%)"}
+
+
+def _surface_values(surface, group: str, quantity: str) -> np.ndarray:
+    if quantity not in _QUANTITY_LABEL:
+        raise ValueError(f"quantity must be loss or accuracy, got {quantity!r}")
+    table = surface.loss if quantity == "loss" else surface.accuracy
+    return np.asarray(table[group], dtype=np.float64)
+
+
+def _axis_labels(surface) -> tuple[str, str]:
+    kinds = [d["kind"] for d in surface.meta.get("directions", [])]
+    labels = []
+    for k, kind in enumerate(kinds):
+        recipe = surface.meta["directions"][k].get("recipe", {})
+        if kind == "eigen":
+            labels.append(f"{recipe.get('group')} {recipe.get('end')} eigenvector "
+                          f"(lambda={recipe.get('eigenvalue', float('nan')):.3g})")
+        elif kind == "pca":
+            ratio = recipe.get("explained_variance_ratio", float("nan"))
+            labels.append(f"PC{k + 1} ({100 * ratio:.1f}% of variance)")
+        elif kind == "interpolation":
+            labels.append("interpolation (0: start, 1: end)")
+        else:
+            labels.append(f"random direction {k + 1} (seed {recipe.get('seed')})")
+    labels += ["alpha", "beta"][len(labels):]
+    return labels[0], labels[1]
+
+
+def plot_surface_line_png(surface, path: PathLike, quantity: str = "loss") -> Path:
+    """A 1-D surface: one curve per group."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for group in surface.groups:
+        ax.plot(surface.alphas, _surface_values(surface, group, quantity), label=group)
+    ax.set_xlabel(_axis_labels(surface)[0])
+    ax.set_ylabel(_QUANTITY_LABEL[quantity])
+    if quantity == "loss":
+        ax.set_yscale("log")
+    ax.set_title(f"{surface.meta.get('model')} epoch {surface.meta.get('epoch')}: {quantity}")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _save_png(fig, path)
+
+
+def plot_surface_contour_png(surface, path: PathLike, group: str, quantity: str = "loss",
+                             trajectory: Optional[np.ndarray] = None,
+                             trajectory_labels: Optional[Sequence] = None) -> Path:
+    """Filled contours of a 2-D surface of one group (log10 of the loss, so that the basin
+    and the walls are both visible), the centre marked, and optionally a projected trajectory."""
+    values = _surface_values(surface, group, quantity)
+    shown = np.log10(np.clip(values, 1e-12, None)) if quantity == "loss" else values
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    filled = ax.contourf(surface.alphas, surface.betas, shown, levels=30, cmap="viridis")
+    ax.contour(surface.alphas, surface.betas, shown, levels=15, colors="white",
+               linewidths=0.4, alpha=0.6)
+    fig.colorbar(filled, ax=ax, label="log10 loss" if quantity == "loss" else "accuracy (%)")
+    ax.plot([0], [0], marker="*", color="red", markersize=10, linestyle="none",
+            label="checkpoint")
+    if trajectory is not None and len(trajectory):
+        ax.plot(trajectory[:, 0], trajectory[:, 1], "o-", color="orange", markersize=3,
+                linewidth=1, label="trajectory")
+        for (x, y), text in zip(trajectory, trajectory_labels or []):
+            ax.annotate(str(text), (x, y), fontsize=6, color="orange")
+    xlabel, ylabel = _axis_labels(surface)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{group} {quantity}, epoch {surface.meta.get('epoch')}")
+    ax.legend(loc="upper right", fontsize=7)
+    return _save_png(fig, path)
+
+
+def plot_surface_3d_png(surface, path: PathLike, group: str, quantity: str = "loss") -> Path:
+    """A 3-D view of a 2-D surface of one group."""
+    values = _surface_values(surface, group, quantity)
+    a, b = np.meshgrid(surface.alphas, surface.betas)
+    fig = plt.figure(figsize=(6, 5))
+    ax = fig.add_subplot(projection="3d")
+    ax.plot_surface(a, b, values, cmap="viridis", linewidth=0, antialiased=True)
+    xlabel, ylabel = _axis_labels(surface)
+    ax.set_xlabel(xlabel, fontsize=7)
+    ax.set_ylabel(ylabel, fontsize=7)
+    ax.set_zlabel(_QUANTITY_LABEL[quantity])
+    ax.set_title(f"{group} {quantity}, epoch {surface.meta.get('epoch')}")
+    return _save_png(fig, path)
+
+
+def plot_surface_html(surface, path: PathLike, quantity: str = "loss") -> Path:
+    """Interactive plotly figure of every group's surface (3-D for 2-D surfaces, curves for
+    1-D), one group shown at a time through a drop-down menu; opens offline."""
+    import plotly.graph_objects as go
+
+    xlabel, ylabel = _axis_labels(surface)
+    groups = surface.groups
+    fig = go.Figure()
+    for k, group in enumerate(groups):
+        values = _surface_values(surface, group, quantity)
+        if surface.ndim == 1:
+            fig.add_trace(go.Scatter(x=surface.alphas, y=values, mode="lines+markers", name=group))
+        else:
+            fig.add_trace(go.Surface(x=surface.alphas, y=surface.betas, z=values, name=group,
+                                     colorscale="Viridis", visible=(k == 0),
+                                     colorbar={"title": quantity}))
+    title = f"{surface.meta.get('model')} epoch {surface.meta.get('epoch')}: {quantity}"
+    if surface.ndim == 2:
+        buttons = [{"label": group, "method": "update",
+                    "args": [{"visible": [j == k for j in range(len(groups))]},
+                             {"title": f"{title} ({group})"}]}
+                   for k, group in enumerate(groups)]
+        fig.update_layout(updatemenus=[{"buttons": buttons, "x": 0.0, "y": 1.1,
+                                        "xanchor": "left"}],
+                          scene={"xaxis_title": xlabel, "yaxis_title": ylabel,
+                                 "zaxis_title": quantity},
+                          title=f"{title} ({groups[0]})")
+    else:
+        fig.update_layout(xaxis_title=xlabel, yaxis_title=quantity, title=title)
+        if quantity == "loss":
+            fig.update_yaxes(type="log")
+    return _save_html(fig, path)
+
+
+# --------------------------------------------------------------------------------------------
+# The saddle report (landscape.report)
+
+_INDICATORS = (("lambda_max", "lambda_max"), ("lambda_min", "lambda_min"),
+               ("ratio", "lambda_min / lambda_max"))
+
+
+def plot_indicators_png(series: Mapping[str, Mapping[str, Mapping[str, Sequence[float]]]],
+                        path: PathLike, switches: Optional[Mapping[str, int]] = None,
+                        groups: Sequence[str] = ("head", "tail")) -> Path:
+    """Saddle indicators over training: rows lambda_max, lambda_min, lambda_min/lambda_max;
+    one column per group; one line per run.
+
+    Args:
+        series: run label -> group -> ``{"epoch": [...], "lambda_max": [...],
+            "lambda_min": [...], "ratio": [...]}``.
+        switches: run label -> epoch where its SSE-SAM stage II begins (a dashed line).
+    """
+    fig, axes = plt.subplots(len(_INDICATORS), len(groups), figsize=(5 * len(groups), 9),
+                             sharex=True, squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for col, group in enumerate(groups):
+        for row, (key, label) in enumerate(_INDICATORS):
+            ax = axes[row][col]
+            for k, (run_label, per_group) in enumerate(series.items()):
+                data = per_group.get(group)
+                if not data:
+                    continue
+                ax.plot(data["epoch"], data[key], "o-", markersize=3,
+                        color=colors[k % len(colors)], label=run_label)
+            for k, (run_label, epoch) in enumerate((switches or {}).items()):
+                index = list(series).index(run_label) if run_label in series else k
+                ax.axvline(epoch, color=colors[index % len(colors)], linestyle="--",
+                           linewidth=1, label=f"{run_label} stage II" if row == 0 else None)
+            if key == "ratio":
+                ax.axhline(0, color="black", linewidth=0.6)
+            if key == "lambda_max":
+                ax.set_yscale("symlog", linthresh=1e-3)
+            ax.set_ylabel(label)
+            if row == 0:
+                ax.set_title(f"{group} loss")
+            if row == len(_INDICATORS) - 1:
+                ax.set_xlabel("epoch")
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("Saddle indicators over training (negative lambda_min: a saddle)")
+    return _save_png(fig, path)
+
+
+def plot_indicators_html(series, path: PathLike, switches: Optional[Mapping[str, int]] = None,
+                         groups: Sequence[str] = ("head", "tail")) -> Path:
+    """Interactive version of :func:`plot_indicators_png` (hover for values)."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    titles = [f"{group}: {label}" for _, label in _INDICATORS for group in groups]
+    fig = make_subplots(rows=len(_INDICATORS), cols=len(groups), shared_xaxes=True,
+                        subplot_titles=titles)
+    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"]
+    for k, (run_label, per_group) in enumerate(series.items()):
+        color = palette[k % len(palette)]
+        for col, group in enumerate(groups, start=1):
+            data = per_group.get(group)
+            if not data:
+                continue
+            for row, (key, _) in enumerate(_INDICATORS, start=1):
+                fig.add_trace(go.Scatter(x=data["epoch"], y=data[key], mode="lines+markers",
+                                         name=run_label, legendgroup=run_label,
+                                         showlegend=(row == 1 and col == 1),
+                                         line={"color": color}), row=row, col=col)
+    for k, (run_label, epoch) in enumerate((switches or {}).items()):
+        index = list(series).index(run_label) if run_label in series else k
+        fig.add_vline(x=epoch, line_dash="dash", line_color=palette[index % len(palette)],
+                      annotation_text=f"{run_label} stage II")
+    fig.update_layout(height=900, title="Saddle indicators over training")
+    return _save_html(fig, path)
+
+
+def plot_group_densities_png(densities: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]],
+                             path: PathLike, epochs: Optional[Mapping[str, int]] = None) -> Path:
+    """Head vs tail spectral densities, one panel per run.
+
+    Args:
+        densities: run label -> group -> ``(grid, density)``.
+        epochs: run label -> epoch of the checkpoint shown.
+    """
+    n = max(1, len(densities))
+    cols = min(n, 2)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 3.6 * rows), squeeze=False)
+    for k, (run_label, per_group) in enumerate(densities.items()):
+        ax = axes[k // cols][k % cols]
+        for group, (grid, density) in per_group.items():
+            ax.semilogy(grid, np.clip(density, 1e-12, None), label=group)
+        ax.axvline(0, color="black", linewidth=0.6)
+        epoch = (epochs or {}).get(run_label)
+        ax.set_title(run_label + (f" (epoch {epoch})" if epoch is not None else ""))
+        ax.set_xlabel("eigenvalue")
+        ax.set_ylabel("density")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    for k in range(len(densities), rows * cols):
+        axes[k // cols][k % cols].set_visible(False)
+    fig.suptitle("Hessian spectral densities (SLQ), head vs tail")
+    return _save_png(fig, path)
+
+
+def plot_group_densities_html(densities, path: PathLike,
+                              epochs: Optional[Mapping[str, int]] = None) -> Path:
+    """Interactive version of :func:`plot_group_densities_png`."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    labels = list(densities)
+    cols = min(max(1, len(labels)), 2)
+    rows = math.ceil(max(1, len(labels)) / cols)
+    titles = [label + (f" (epoch {(epochs or {}).get(label)})" if (epochs or {}).get(label)
+                       is not None else "") for label in labels]
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=titles)
+    colors = {"head": "#1f77b4", "tail": "#d62728"}
+    for k, label in enumerate(labels):
+        for group, (grid, density) in densities[label].items():
+            fig.add_trace(go.Scatter(x=grid, y=np.clip(density, 1e-12, None), mode="lines",
+                                     name=group, legendgroup=group, showlegend=(k == 0),
+                                     line={"color": colors.get(group)}),
+                          row=k // cols + 1, col=k % cols + 1)
+    fig.update_yaxes(type="log")
+    fig.update_layout(height=350 * rows, title="Hessian spectral densities, head vs tail")
+    return _save_html(fig, path)
