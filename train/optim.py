@@ -208,9 +208,11 @@ class GroupSAM:
         with torch.no_grad():
             torch._foreach_add_(self.params, torch._foreach_mul(direction, scale))
         try:
+            # The backward runs before the running statistics are restored: BatchNorm's graph
+            # saves them, and restoring them first is an in-place change autograd refuses.
             with _running_stats_frozen(self.model, frozen=(self.bn_update == "w")):
                 losses = self._forward_losses(inputs, targets, loss_fn)
-            return self._grad((weights * losses).sum(), retain_graph=False)
+                return self._grad((weights * losses).sum(), retain_graph=False)
         finally:
             with torch.no_grad():
                 torch._foreach_copy_(self.params, saved)
