@@ -144,41 +144,49 @@ def _fix_sign(vector: torch.Tensor) -> torch.Tensor:
 
 
 def eigen_directions(run, group: str, top: int = 1, bottom: int = 1, seed: int = 0,
-                     steps: Optional[int] = None, split: str = "train",
-                     **lanczos_options: Any) -> tuple[Direction, ...]:
+                     max_steps: Optional[int] = None, tol: Optional[float] = None,
+                     split: str = "train") -> tuple[Direction, ...]:
     """Unit eigenvectors of the Hessian of ``group``'s mean loss: the ``top`` largest, then the
     ``bottom`` smallest (algebraically: negative eigenvalues at a saddle).
 
     The vectors are not rescaled: a step of 1 moves the weights by 1 in Euclidean norm, and
-    along the bottom direction the surface curves down exactly when the eigenvalue is negative.
+    along a direction the surface's curvature at the centre is the eigenvalue
+    (:math:`L(t v) \\approx L(0) + t \\langle g, v \\rangle + \\tfrac12 \\lambda t^2`).
 
     Args:
         run: a :class:`landscape.Run`.
         group: ``head``, ``tail``, ``all`` or class ids.
         top, bottom: how many eigenvectors of each end.
         seed: seed of Lanczos's start vector.
-        steps: Lanczos steps (``None``: the Lanczos module's default).
+        max_steps, tol: Lanczos limits (``None``: :func:`landscape.lanczos.extreme_eigenpairs`'s
+            defaults).
         split: the group's samples, ``train`` or ``test``.
-        lanczos_options: passed on to :func:`landscape.lanczos.extreme_eigenpairs`.
     """
     from landscape.hvp import GroupHessian
     from landscape.lanczos import extreme_eigenpairs
 
     op = GroupHessian.from_run(run, group, split=split)
-    if steps is not None:
-        lanczos_options["steps"] = int(steps)
-    result = extreme_eigenpairs(op, top=top, bottom=bottom, seed=seed, **lanczos_options)
+    options: dict[str, Any] = {}
+    if max_steps is not None:
+        options["max_steps"] = int(max_steps)
+    if tol is not None:
+        options["tol"] = float(tol)
+    try:
+        result = extreme_eigenpairs(op, top=top, bottom=bottom, seed=seed, **options)
+    except ValueError as error:  # e.g. more eigenpairs asked for than there are parameters
+        raise AnalysisError(str(error)) from None
     base = {"group": group if isinstance(group, str) else ",".join(map(str, group)),
-            "split": split, "seed": int(seed), "steps": steps, "loss": op.loss_name}
+            "split": split, "seed": int(seed), "max_steps": max_steps, "tol": tol,
+            "loss": op.loss_name, "lanczos_steps": int(result.steps)}
     directions = []
-    for end, values, vectors in (("top", result.top, result.top_vectors),
-                                 ("bottom", result.bottom, result.bottom_vectors)):
-        vectors = torch.as_tensor(np.asarray(vectors)) if vectors is not None else None
+    for end, values, vectors, residuals in (
+            ("top", result.top, result.top_vectors, result.top_residuals),
+            ("bottom", result.bottom, result.bottom_vectors, result.bottom_residuals)):
         for rank in range(len(values)):
-            v = vectors[:, rank] if vectors.shape[0] == op.n_params else vectors[rank]
-            v = v.to("cpu", torch.float64)
+            v = torch.as_tensor(vectors[rank]).to("cpu", torch.float64)
             v = _fix_sign(v / v.norm())
-            recipe = {**base, "end": end, "rank": rank, "eigenvalue": float(values[rank])}
+            recipe = {**base, "end": end, "rank": rank, "eigenvalue": float(values[rank]),
+                      "residual": float(residuals[rank])}
             directions.append(Direction(v.float(), "eigen", recipe))
     return tuple(directions)
 

@@ -122,6 +122,7 @@ def plot_surface_3d_png(surface, path: PathLike, group: str, quantity: str = "lo
     ax.set_xlabel(xlabel, fontsize=7)
     ax.set_ylabel(ylabel, fontsize=7)
     ax.set_zlabel(_QUANTITY_LABEL[quantity])
+    ax.tick_params(labelsize=6)
     ax.set_title(f"{group} {quantity}, epoch {surface.meta.get('epoch')}")
     return _save_png(fig, path)
 

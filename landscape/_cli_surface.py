@@ -1,0 +1,220 @@
+"""``python -m landscape surface``: loss and accuracy surfaces of class groups.
+
+Writes into ``--out``: ``surface.npz`` (the data, rewritten as rows finish, so a rerun of the
+same command resumes an interrupted one), and the figures: for a 2-D surface
+``GROUP_loss_contour.png`` and ``GROUP_loss_3d.png`` per group, for a 1-D one
+``loss_line.png`` and ``accuracy_line.png``, and ``surface_loss.html`` /
+``surface_accuracy.html`` (interactive plotly, opens offline).
+
+Examples::
+
+    python -m landscape surface checkpoints/demo/ssesam --directions random --grid 51 --out surf/
+    python -m landscape surface RUN/epoch_0060.pt --directions eigen --eigen_group tail
+    python -m landscape surface RUN --directions pca            # with the trajectory drawn
+    python -m landscape surface RUN/epoch_0000.pt --directions interp --to RUN/epoch_0060.pt
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from landscape.errors import AnalysisError
+
+DIRECTIONS = ("random", "eigen", "pca", "interp")
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "surface", help="1-D / 2-D loss and accuracy surfaces along chosen directions",
+        description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint", help="epoch_NNNN.pt, or a run folder (its newest checkpoint)")
+    p.add_argument("--directions", choices=DIRECTIONS, default="random",
+                   help="random (filter-normalised), eigen (top and bottom Hessian "
+                        "eigenvectors), pca (of the run's checkpoints), interp (line to --to) "
+                        "[random]")
+    p.add_argument("--dim", type=int, choices=(1, 2),
+                   help="1-D line or 2-D plane [2; 1 for interp]")
+    p.add_argument("--groups", default="head,tail",
+                   help="comma-separated groups (head, tail, all); 'all' is always added "
+                        "[head,tail]")
+    p.add_argument("--grid", type=int, default=51, help="points per axis [51]")
+    p.add_argument("--range", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                   help="coordinates of both axes [-1 1; pca: covers the trajectory; "
+                        "interp: -0.5 1.5]")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the random directions / of Lanczos's start vector [0]")
+    p.add_argument("--normalization", choices=("filter", "layer", "none"), default="filter",
+                   help="of random directions [filter]")
+    p.add_argument("--one_d", choices=("zero", "weights"), default="zero",
+                   help="1-D parameters (biases, BatchNorm) of random directions [zero]")
+    p.add_argument("--eigen_group", help="group whose Hessian gives eigen directions "
+                                         "[first of --groups]")
+    p.add_argument("--max_steps", type=int, help="Lanczos steps at most (eigen)")
+    p.add_argument("--tol", type=float, help="Lanczos relative residual tolerance (eigen)")
+    p.add_argument("--to", metavar="CKPT", help="end checkpoint of --directions interp")
+    p.add_argument("--split", choices=("train", "test"), default="train",
+                   help="evaluation samples [train]")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--method", choices=("loop", "vmap"), default="loop",
+                   help="evaluation of grid points (see landscape/surface.py) [loop]")
+    p.add_argument("--batch_size", type=int, help="samples per forward pass [all, max 4096]")
+    p.add_argument("--save_every", type=int, help="grid points between saves [one row]")
+    p.add_argument("--device", help="cpu, cuda or cuda:N [cuda if available]")
+    p.add_argument("--out", help="output folder [RUN/surface/epoch_NNNN_DIRECTIONS_sSEED]")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a surface.npz made with other settings")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=run)
+
+
+def _check_args(args) -> None:
+    """Everything that can be checked before loading anything."""
+    if args.grid < 2:
+        raise AnalysisError(f"--grid must be at least 2, got {args.grid}")
+    if args.range is not None and not (np.all(np.isfinite(args.range))
+                                       and args.range[0] < args.range[1]):
+        raise AnalysisError(f"--range needs finite LOW < HIGH, got {args.range[0]} {args.range[1]}")
+    if args.directions == "interp":
+        if args.to is None:
+            raise AnalysisError("--directions interp needs --to CKPT (the end checkpoint)")
+        if args.dim == 2:
+            raise AnalysisError("--directions interp gives a 1-D line; drop --dim 2")
+    elif args.to is not None:
+        raise AnalysisError("--to is only used with --directions interp")
+    if args.directions == "pca" and args.dim == 1:
+        raise AnalysisError("--directions pca gives a 2-D plane; drop --dim 1")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise AnalysisError(f"--batch_size must be >= 1, got {args.batch_size}")
+    if args.save_every is not None and args.save_every < 1:
+        raise AnalysisError(f"--save_every must be >= 1, got {args.save_every}")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise AnalysisError(f"--max_steps must be >= 1, got {args.max_steps}")
+
+
+def _request(args) -> dict:
+    """The command's settings that define the directions (resuming reuses stored ones)."""
+    keys = ("directions", "dim", "seed", "normalization", "one_d", "eigen_group", "max_steps",
+            "tol", "to", "split")
+    return {k: getattr(args, k) for k in keys}
+
+
+def _directions(args, run, groups, stored):
+    """The directions, the grid axes and (for PCA) the projected trajectory."""
+    from landscape import directions as dirs
+
+    dim = args.dim or (1 if args.directions == "interp" else 2)
+    trajectory = None
+    if stored is not None:  # resuming: the stored vectors, not a recomputation
+        found = stored.direction_objects()
+        trajectory = stored.meta.get("request", {}).get("trajectory")
+    elif args.directions == "random":
+        found = dirs.random_directions(run.model, dim, args.seed, args.normalization, args.one_d)
+    elif args.directions == "eigen":
+        found = dirs.eigen_directions(run, args.eigen_group or groups[0], top=1,
+                                      bottom=1 if dim == 2 else 0, seed=args.seed,
+                                      max_steps=args.max_steps, tol=args.tol, split=args.split)
+    elif args.directions == "pca":
+        pca = dirs.trajectory_pca(run, count=2)
+        found = pca.directions
+        trajectory = {"epochs": list(pca.epochs), "coordinates": pca.coordinates.tolist()}
+    else:
+        from landscape.load import load
+
+        found = (dirs.interpolation_direction(run, load(args.to, device=run.device)),)
+    if args.range is not None:
+        low, high = args.range
+    elif args.directions == "interp":
+        low, high = -0.5, 1.5
+    elif trajectory is not None:  # cover the projected trajectory with a margin
+        reach = 1.2 * float(np.abs(np.asarray(trajectory["coordinates"])).max())
+        low, high = -reach, reach
+    else:
+        low, high = -1.0, 1.0
+    from landscape.surface import grid_axis
+
+    alphas = grid_axis(args.grid, low, high)
+    betas = grid_axis(args.grid, low, high) if dim == 2 else None
+    return found, alphas, betas, trajectory
+
+
+def _default_out(run, args) -> Path:
+    return run.run_dir / "surface" / f"epoch_{run.epoch:04d}_{args.directions}_s{args.seed}"
+
+
+def run(args) -> int:
+    from landscape.load import load
+    from landscape.surface import Surface, compute_surface
+
+    _check_args(args)
+    run_ = load(args.checkpoint, device=args.device)
+    groups = [g.strip() for g in args.groups.split(",") if g.strip()]
+    if not groups:
+        raise AnalysisError("--groups is empty")
+    for group in groups + ([args.eigen_group] if args.eigen_group else []):
+        if group not in ("all", *run_.groups):
+            raise AnalysisError(f"unknown group {group!r} (choose from all, "
+                                f"{', '.join(run_.groups)})")
+        run_.classes(group)  # raises GroupError for an empty group
+    out = Path(args.out) if args.out else _default_out(run_, args)
+    path = out / "surface.npz"
+    request = _request(args)
+    stored = None
+    if path.exists() and not args.overwrite:
+        stored = Surface.load(path)
+        if {k: stored.meta.get("request", {}).get(k) for k in request} != request:
+            raise AnalysisError(f"{path} holds a surface made with other settings; pass "
+                                "--overwrite to replace it or choose another --out")
+    found, alphas, betas, trajectory = _directions(args, run_, groups, stored)
+    if trajectory is not None:
+        request["trajectory"] = trajectory
+    out.mkdir(parents=True, exist_ok=True)
+    if args.overwrite and path.exists():
+        path.unlink()
+    bar = None
+    if not args.no_progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(alphas) * (1 if betas is None else len(betas)), unit="point",
+                   desc="surface", leave=False, file=sys.stderr)
+        if stored is not None:
+            bar.update(int(stored.done.sum()))
+    dtype = torch.float64 if args.dtype == "float64" else torch.float32
+    surface = compute_surface(run_, found, alphas, betas, groups=groups, split=args.split,
+                              dtype=dtype, method=args.method, batch_size=args.batch_size,
+                              path=path, save_every=args.save_every,
+                              progress=bar.update if bar else None, request=request)
+    if bar is not None:
+        bar.close()
+    written = write_figures(surface, out)
+    loss, acc = surface.centre("all")
+    print(f"{path}: {surface.ndim}-D surface, {surface.done.size} points; at the centre loss "
+          f"{loss:.4g}, accuracy {acc:.1f}%; {len(written)} figures in {out}")
+    return 0
+
+
+def write_figures(surface, out: Path) -> list[Path]:
+    """The PNG and HTML figures of a finished surface into ``out``."""
+    from landscape import plots
+
+    written = []
+    if surface.ndim == 1:
+        for quantity in ("loss", "accuracy"):
+            written.append(plots.plot_surface_line_png(surface, out / f"{quantity}_line.png",
+                                                       quantity))
+    else:
+        trajectory = surface.meta.get("request", {}).get("trajectory")
+        coords = np.asarray(trajectory["coordinates"]) if trajectory else None
+        labels = trajectory["epochs"] if trajectory else None
+        for group in surface.groups:
+            written.append(plots.plot_surface_contour_png(
+                surface, out / f"{group}_loss_contour.png", group, "loss", coords, labels))
+            written.append(plots.plot_surface_3d_png(surface, out / f"{group}_loss_3d.png",
+                                                     group, "loss"))
+    for quantity in ("loss", "accuracy"):
+        written.append(plots.plot_surface_html(surface, out / f"surface_{quantity}.html",
+                                               quantity))
+    return written
