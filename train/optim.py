@@ -57,7 +57,7 @@ class OptimError(ValueError):
 
 def switch_epoch(gamma: float, epochs: int) -> int:
     """First 0-based epoch of SSE-SAM's stage II: ``ceil(gamma * epochs)``."""
-    return math.ceil(gamma * epochs - 1e-9)  # 1e-9: 0.7 * 10 is 7.000000000000001 in floats
+    return math.ceil(gamma * epochs - 1e-9)  # 1e-9: 0.28 * 25 is 7.000000000000001 in floats
 
 
 @dataclass(frozen=True)
@@ -264,8 +264,9 @@ class SSESAM:
         sse.update_rho()        # once per epoch, at its end
 
     The numbers are the seed's: the norm has ``1e-16`` added and the perturbation is removed by
-    subtraction. Two of its faults are not reproduced: ``gamma = 0`` means no head perturbation
-    from the start (the seed crashes), and a parameter without a gradient keeps ``grad = None``.
+    subtraction. Three of its faults are not reproduced: ``gamma = 0`` means no head perturbation
+    from the start (the seed crashes), a parameter without a gradient keeps ``grad = None``, and
+    the switch is at :func:`switch_epoch` (the seed's float product can round one epoch late).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, head_rho: float,
@@ -277,7 +278,9 @@ class SSESAM:
         self.rho_is = [float(head_rho), float(tail_rho)]
         self.total_epochs = total_epochs
         self.epoch_count = 0
-        self.cut_epoch = total_epochs * gamma
+        # Not the seed's float ``total_epochs * gamma``: 0.28 * 25 = 7.000000000000001 would
+        # switch one epoch late, after 8 epochs instead of ceil(7) = 7.
+        self.cut_epoch = switch_epoch(gamma, total_epochs)
         if gamma == 0:
             self.rho_is[0] = 0.0
         self.state: dict = defaultdict(dict)
