@@ -144,18 +144,22 @@ def load(path: Union[str, Path], device: Union[str, torch.device, None] = None,
     except ConfigError as error:
         raise ckpt.CheckpointError(f"{path}: invalid config ({error})") from None
     if saved.identity() != config.identity():
+        diff = sorted(k for k, v in config.identity().items() if saved.identity().get(k) != v)
         raise ckpt.CheckpointError(f"{path}: its config differs from {run_dir / 'config.json'} "
-                                   "(checkpoint of another run?)")
+                                   f"in {', '.join(diff)} (checkpoint of another run?)")
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"device must be cpu, cuda or cuda:N, got {str(device)[:60]!r}") from None
     spec = config.spec
     model = build_model(config.model, spec.image_shape, spec.num_classes, config.width)
     try:
         model.load_state_dict(state["model"])
-    except (RuntimeError, KeyError, TypeError) as error:
-        first = str(error).strip().splitlines()[0][:200]
+    except Exception as error:  # wrong keys or shapes, or values that are not tensors
+        text = " ".join(str(error).split()) or type(error).__name__
         raise ckpt.CheckpointError(f"{path}: weights do not fit the config's model "
-                                   f"{config.model} ({first})") from None
+                                   f"{config.model} ({text[:200]})") from None
     model.to(device).eval()
     return Run(path, run_dir, int(state["epoch"]), config, model, device, data_dir)

@@ -119,7 +119,14 @@ def parse(argv: Optional[Sequence[str]] = None) -> tuple[Config, Path, bool, boo
         from train.checkpoint import read_config
 
         out = Path(args["resume"])
-        stored = Config.from_json(read_config(out))
+        if "overwrite" in args:
+            raise UsageError("--resume continues a run and --overwrite replaces it; give one")
+        if args.get("out") and Path(args["out"]) != out:
+            raise UsageError(f"--resume writes into {out}; --out {args['out']} names another folder")
+        try:
+            stored = Config.from_json(read_config(out))
+        except ConfigError as error:
+            raise ConfigError(f"{out / 'config.json'}: invalid config ({error})") from None
         config = dataclasses.replace(stored, **given)
     else:
         config = Config(**given)
@@ -130,6 +137,7 @@ def parse(argv: Optional[Sequence[str]] = None) -> tuple[Config, Path, bool, boo
 def _say(message: str, every_rank: bool = False) -> None:
     """One line on stderr; under torchrun only rank 0 speaks (all ranks see the same input)."""
     rank = os.environ.get("RANK", "0")
+    message = message.replace("\r", "\\r").replace("\n", "\\n")  # a path may hold a newline
     if every_rank or rank == "0":
         print(message if rank == "0" else f"[rank {rank}] {message}", file=sys.stderr)
 
@@ -158,8 +166,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _say(f"error: {error}; the last good checkpoint is kept")
         return EXIT_DIVERGED
     except OSError as error:
-        _say(f"error: {error.filename or ''}: {error.strerror or error}; earlier checkpoints "
-             "are intact", every_rank=True)
+        where = f"{error.filename}: " if error.filename is not None else ""
+        _say(f"error: {where}{error.strerror or error}; earlier checkpoints are intact",
+             every_rank=True)
         return EXIT_USAGE
     finally:
         distributed.cleanup()

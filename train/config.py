@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -26,6 +27,15 @@ IDENTITY_EXCLUDED = ("device", "data_dir", "progress", "compile", "channels_last
 
 class ConfigError(ValueError):
     """An invalid configuration; the message is one line for the user."""
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    """A short one-line ``repr`` for messages (huge ints cannot even be printed in full)."""
+    try:
+        text = repr(value)
+    except ValueError:  # int with more than sys.get_int_max_str_digits() digits
+        text = f"<{type(value).__name__} too large to show>"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 @dataclass(frozen=True)
@@ -64,6 +74,7 @@ class Config:
     compile: bool = False
 
     def __post_init__(self) -> None:
+        self._check_types()
         spec = SPECS.get(self.dataset)
         if spec is None:
             raise ConfigError(f"unknown dataset {self.dataset!r} (choose from {', '.join(SPECS)})")
@@ -75,17 +86,42 @@ class Config:
             object.__setattr__(self, "width", DEFAULT_WIDTH.get(self.model, 1))
         self._validate()
 
+    def _check_types(self) -> None:
+        """Each field's JSON type (a config file may hold anything): one clear line if wrong."""
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), str(f.type)
+            if value is None and kind.startswith("Optional["):
+                continue
+            base = kind.removeprefix("Optional[").removesuffix("]")
+            if base == "str":
+                ok, want = isinstance(value, str) and "\x00" not in value, "a string (no NUL)"
+            elif base == "bool":
+                ok, want = isinstance(value, bool), "true or false"
+            elif base == "int":
+                ok, want = isinstance(value, int) and not isinstance(value, bool), "an integer"
+            else:
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+                want = "a number"
+            if not ok:
+                raise ConfigError(f"{f.name} must be {want}, got {_shown(value)}")
+
     def _validate(self) -> None:
         def finite(name: str) -> float:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ConfigError(f"{name} must be a finite number, got {value!r}")
-            return float(value)
+            try:
+                number = float(value) if not isinstance(value, (bool, str)) else math.nan
+            except (TypeError, ValueError, OverflowError):  # an int beyond float range
+                number = math.nan
+            if not math.isfinite(number):
+                raise ConfigError(f"{name} must be a finite number, got {_shown(value)}")
+            return number
 
-        def integer(name: str, low: int) -> None:
+        def integer(name: str, low: int, high: Optional[int] = None) -> None:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < low or (
+                    high is not None and value > high):
+                bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+                raise ConfigError(f"{name} must be an integer {bounds}, got {_shown(value)}")
 
         if self.model not in MODELS:
             raise ConfigError(f"unknown model {self.model!r} (choose from {', '.join(MODELS)})")
@@ -109,12 +145,12 @@ class Config:
         if not 0 <= finite("gamma") < 1:
             raise ConfigError(f"gamma must be in [0, 1), got {self.gamma}")
         finite("gamma_vs"), finite("tau")
-        integer("epochs", 1)
-        integer("batch_size", 1)
-        integer("save_every", 1)
-        integer("width", 1)
-        integer("seed", 0)
-        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
+        integer("epochs", 1, 10**6)  # bounds keep the arithmetic in floats and ints sane
+        integer("batch_size", 1, 2**31 - 1)
+        integer("save_every", 1, 10**6)
+        integer("width", 1, 2**16)
+        integer("seed", 0, 2**63 - 1)
+        if not re.fullmatch(r"auto|cpu|cuda(:\d{1,4})?", self.device):
             raise ConfigError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
 
     # Derived facts ---------------------------------------------------------------------------

@@ -192,11 +192,15 @@ class Trainer:
 def _prepare_folder(config: Config, out: Path, resume: bool, overwrite: bool) -> int:
     """Checks / clears the run folder; returns the number of epochs already done."""
     existing = out / "config.json"
-    has_run = existing.exists() or bool(ckpt.list_checkpoints(out))
+    has_run = any((out / name).exists() for name in ("config.json", "metrics.jsonl", ckpt.MANIFEST)
+                  ) or bool(ckpt.list_checkpoints(out))
     if resume:
         if not has_run:
             return -1  # nothing to resume: start fresh
-        stored = Config.from_json(ckpt.read_config(out))
+        try:
+            stored = Config.from_json(ckpt.read_config(out))
+        except ConfigError as error:
+            raise ckpt.CheckpointError(f"{existing}: invalid config ({error})") from None
         if stored.identity() != config.identity():
             diff = sorted(k for k, v in config.identity().items() if stored.identity().get(k) != v)
             raise ConfigError(f"{existing}: run was made with different settings ({', '.join(diff)})")
@@ -207,13 +211,40 @@ def _prepare_folder(config: Config, out: Path, resume: bool, overwrite: bool) ->
     return -1
 
 
-def _latest_good_checkpoint(out: Path) -> tuple[int, dict] | None:
-    for epoch, path in reversed(ckpt.list_checkpoints(out)):
-        try:
-            return epoch, ckpt.load_checkpoint(path)
-        except ckpt.CheckpointError:
-            continue  # a damaged newest file: fall back to the one before
-    return None
+def _latest_good_checkpoint(out: Path) -> tuple[int, dict, Path] | None:
+    """The newest checkpoint, verified; a damaged one is an error, never skipped in silence."""
+    found = ckpt.list_checkpoints(out)
+    if not found:
+        return None
+    epoch, path = found[-1]
+    try:
+        return epoch, ckpt.load_checkpoint(path), path
+    except ckpt.CheckpointError as error:
+        hint = f"; move it away to resume from {found[-2][1].name}" if len(found) > 1 else ""
+        raise ckpt.CheckpointError(f"{error}{hint}") from None
+
+
+def _restore(trainer: "Trainer", saved: dict, path: Path) -> None:
+    """Loads a checkpoint into the trainer, or says in one line why it does not fit this run."""
+    try:
+        theirs = Config.from_json(saved["config"]).identity()
+    except ConfigError as error:
+        raise ckpt.CheckpointError(f"{path}: invalid config inside ({error})") from None
+    if theirs != trainer.config.identity():
+        diff = sorted(k for k, v in trainer.config.identity().items() if theirs.get(k) != v)
+        raise ckpt.CheckpointError(f"{path}: made by another run (its {', '.join(diff)} differ "
+                                   "from config.json)")
+    try:
+        trainer.load_state(saved)
+        for param in trainer.model.parameters():
+            momentum = trainer.base_optimizer.state.get(param, {}).get("momentum_buffer")
+            if momentum is not None and momentum.shape != param.shape:
+                raise ValueError(f"momentum of shape {tuple(momentum.shape)} for a parameter of "
+                                 f"shape {tuple(param.shape)}")
+    except Exception as error:  # missing keys, wrong shapes, foreign objects: one clear line
+        text = " ".join(str(error).split()) or type(error).__name__
+        raise ckpt.CheckpointError(f"{path}: does not fit this run's {trainer.config.model} model "
+                                   f"or optimizer ({text[:200]})") from None
 
 
 def train(config: Config, out: str | Path, resume: bool = False, overwrite: bool = False,
@@ -240,11 +271,14 @@ def train(config: Config, out: str | Path, resume: bool = False, overwrite: bool
     if state == 0:
         found = _latest_good_checkpoint(out)
         if found is not None:
-            start, saved = found
-            trainer.load_state(saved)
+            start, saved, path = found
+            _restore(trainer, saved, path)
             log(f"resuming {out} after epoch {start}")
     distributed.barrier()  # under torchrun: every rank has read the folder before rank 0 writes
     if is_writer:
+        stale = ckpt.clean_stale_temps(out)  # left by a killed writer
+        if stale:
+            log(f"removed {len(stale)} stale temporary file(s) from {out}")
         if start == 0:
             if out.exists() and overwrite:
                 _clear_run(out)
@@ -260,10 +294,11 @@ def train(config: Config, out: str | Path, resume: bool = False, overwrite: bool
 
 
 def _clear_run(out: Path) -> None:
-    for name in ("config.json", "metrics.jsonl", ckpt.MANIFEST):
-        (out / name).unlink(missing_ok=True)
-    for _, path in ckpt.list_checkpoints(out):
+    # Newest checkpoints first and the config last: a kill part-way leaves a resumable run.
+    for _, path in reversed(ckpt.list_checkpoints(out)):
         path.unlink()
+    for name in (ckpt.MANIFEST, "metrics.jsonl", "config.json"):
+        (out / name).unlink(missing_ok=True)
     for sub in ("hessian", "spectrum", "surface"):
         if (out / sub).is_dir():
             shutil.rmtree(out / sub)
