@@ -214,7 +214,7 @@ def interpolation_direction(start, end) -> Direction:
 
 @dataclass(frozen=True, eq=False)
 class TrajectoryPCA:
-    """The principal directions of a run's checkpoint trajectory and its projection.
+    r"""The principal directions of a run's checkpoint trajectory and its projection.
 
     Attributes:
         directions: unit, orthogonal :class:`Direction` s, largest variance first.
