@@ -1,0 +1,193 @@
+"""Data-parallel training on 2 CPU processes (gloo) against one process with the same global batch.
+
+Models without BatchNorm (``mlp``) give the same parameters with 2 ranks as with 1, to float
+rounding: the two ranks' partial gradients are summed instead of computed in one sum. The
+tolerance is ``1e-6`` absolute on every parameter after 2 epochs (measured: ~1e-8).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from train import checkpoint as ckpt
+from train import distributed
+from train.cli import main
+from train.config import Config
+from train.data import load_dataset
+from train.loop import Trainer, evaluate, train
+from train.models import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+TOLERANCE = 1e-6
+
+# digits-LT, IF 100: 294 training images. Each case has an uneven last global batch; in
+# "imbsam_group" it holds a single image, so rank 1's part of it is empty.
+CASES = {
+    "ssesam_batch": Config(dataset="digits", model="mlp", opt="ssesam", gamma=0.5, epochs=2,
+                           batch_size=100, device="cpu"),
+    "imbsam_group": Config(dataset="digits", model="mlp", opt="imbsam", group_reduction="group",
+                           tail_scale=2.0, epochs=2, batch_size=293, lr=0.1, device="cpu"),
+    "sam_cnn_bn": Config(dataset="digits", model="cnn", opt="sam", epochs=2, batch_size=64,
+                         device="cpu"),
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_case(config: Config, data) -> dict:
+    trainer = Trainer.build(config, data=data)
+    losses = [trainer.train_epoch(epoch) for epoch in range(config.epochs)]
+    return {"state": {k: v.clone() for k, v in trainer.model.state_dict().items()},
+            "losses": losses, "acc": evaluate(trainer.model, trainer.data, config.groups)}
+
+
+def _worker(rank: int, world: int, port: int, folder: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    assert distributed.setup("cpu") == "cpu"
+    data = load_dataset("digits", 100)
+    results = {name: run_case(config, data) for name, config in CASES.items()}
+
+    # The helpers.
+    value = torch.tensor([float(rank + 1), 10.0])
+    distributed.all_reduce_mean([value])
+    total = torch.tensor([float(rank + 1)], dtype=torch.float64)
+    distributed.all_reduce_sum([total])
+    module = build_model("mlp", (1, 8, 8), 10, 4, seed=rank)  # different weights per rank
+    distributed.broadcast_module(module)
+    results["helpers"] = {"mean": value, "sum": total, "broadcast": module.state_dict(),
+                          "world": distributed.world(), "main": distributed.is_main()}
+
+    # train(): every rank trains, only rank 0 writes the (shared) run folder.
+    saves = []
+    real_save = ckpt.save_checkpoint
+    ckpt.save_checkpoint = lambda *a, **k: saves.append(rank) or real_save(*a, **k)
+    try:
+        train(CASES["ssesam_batch"], Path(folder) / "run", progress=False, log=lambda m: None,
+              data=data, is_writer=distributed.is_main())
+    finally:
+        ckpt.save_checkpoint = real_save
+    results["saves"] = saves
+    torch.save(results, Path(folder) / f"rank{rank}.pt")
+    distributed.cleanup()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ddp")
+    mp.spawn(_worker, args=(2, free_port(), str(folder)), nprocs=2, join=True)
+    return folder, [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+@pytest.fixture(scope="module")
+def one_rank():
+    data = load_dataset("digits", 100)
+    return {name: run_case(config, data) for name, config in CASES.items()}
+
+
+def max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+@pytest.mark.parametrize("case", ["ssesam_batch", "imbsam_group"])
+def test_two_ranks_train_the_same_parameters_as_one_process(two_ranks, one_rank, case):
+    _, ranks = two_ranks
+    reference = one_rank[case]
+    initial = build_model("mlp", (1, 8, 8), 10, seed=CASES[case].seed).state_dict()
+    assert max_difference(reference["state"], initial) > 1e-3  # it did train
+    for result in ranks:
+        assert max_difference(result[case]["state"], reference["state"]) <= TOLERANCE
+        assert result[case]["losses"] == pytest.approx(reference["losses"], rel=1e-6)
+    assert ranks[0][case]["acc"] == ranks[1][case]["acc"]
+
+
+def test_with_batchnorm_the_ranks_agree_with_each_other(two_ranks):
+    # BatchNorm uses per-rank batch statistics (not the one-process numbers); parameters and
+    # the running statistics, averaged at each epoch's end, are still the same on both ranks,
+    # so evaluation and checkpoints do not depend on the rank.
+    _, ranks = two_ranks
+    a, b = ranks[0]["sam_cnn_bn"], ranks[1]["sam_cnn_bn"]
+    assert max_difference(a["state"], b["state"]) == 0.0
+    assert a["acc"] == b["acc"] and a["losses"] == b["losses"]
+
+
+def test_collective_helpers(two_ranks):
+    _, ranks = two_ranks
+    for result in ranks:
+        helpers = result["helpers"]
+        assert helpers["world"] == 2
+        torch.testing.assert_close(helpers["mean"], torch.tensor([1.5, 10.0]))
+        assert helpers["sum"].item() == 3.0
+        rank0 = build_model("mlp", (1, 8, 8), 10, 4, seed=0).state_dict()
+        assert max_difference(helpers["broadcast"], rank0) == 0.0
+    assert [r["helpers"]["main"] for r in ranks] == [True, False]
+
+
+def test_only_rank_zero_writes_the_run_folder(two_ranks, one_rank):
+    folder, ranks = two_ranks
+    assert ranks[1]["saves"] == [] and len(ranks[0]["saves"]) == 2  # epoch 0 and 2
+    rows = ckpt.read_metrics(folder / "run")
+    assert [r["epoch"] for r in rows] == [1, 2]
+    state = ckpt.load_checkpoint(ckpt.list_checkpoints(folder / "run")[-1][1])["model"]
+    assert max_difference(state, one_rank["ssesam_batch"]["state"]) <= TOLERANCE
+
+
+def test_without_torchrun_nothing_is_initialised(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.setup("cpu") is None
+    assert (distributed.world(), distributed.rank(), distributed.is_main()) == (1, 0, True)
+    tensor = torch.ones(3)
+    distributed.all_reduce_sum([tensor])
+    distributed.all_reduce_mean([tensor])
+    assert torch.equal(tensor, torch.ones(3))
+
+
+def test_a_fixed_gpu_under_torchrun_is_bad_input(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    code = main(["--dataset", "digits", "--device", "cuda:1", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "cuda" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_torchrun_command_line(tmp_path):
+    # The real launcher: `torchrun --standalone --nproc_per_node 2 -m train ...` on gloo.
+    args = ["--dataset", "digits", "--opt", "ssesam", "--epochs", "2", "--batch_size", "100",
+            "--device", "cpu", "--no_progress", "--save_every", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node", "2", "-m", "train", *args,
+                           "--out", str(tmp_path / "ddp")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == str(tmp_path / "ddp")  # printed once, by rank 0
+    reference = train(Config(dataset="digits", opt="ssesam", epochs=2, batch_size=100,
+                             device="cpu", save_every=1), tmp_path / "one", progress=False,
+                      log=lambda m: None)
+    got = [e for e, _ in ckpt.list_checkpoints(tmp_path / "ddp")]
+    assert got == [0, 1, 2]
+    a = ckpt.load_checkpoint(ckpt.list_checkpoints(tmp_path / "ddp")[-1][1])
+    b = ckpt.load_checkpoint(ckpt.list_checkpoints(reference)[-1][1])
+    assert max_difference(a["model"], b["model"]) <= TOLERANCE
+    rows = [json.loads(l) for l in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
