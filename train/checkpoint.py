@@ -30,7 +30,9 @@ import io
 import json
 import os
 import re
+import sys
 import tempfile
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -244,6 +246,28 @@ class _Refused(Exception):
     pass
 
 
+def _canonical(obj: Any) -> Any:
+    """``obj`` with every string interned, so that equal states pickle to equal bytes.
+
+    Pickle writes a string object seen before as a back-reference: without this, a key that is
+    one object in a fresh run (``"lr"`` in the config and in the optimizer) but two objects after
+    a resume (one of them unpickled) would give the same state different bytes and digests.
+    """
+    if type(obj) is str:
+        return sys.intern(obj)
+    if isinstance(obj, dict):
+        copy = OrderedDict() if isinstance(obj, OrderedDict) else {}
+        for key, value in obj.items():
+            copy[_canonical(key)] = _canonical(value)
+        metadata = getattr(obj, "_metadata", None)  # module versions of a state_dict
+        if metadata is not None:
+            copy._metadata = _canonical(metadata)
+        return copy
+    if type(obj) in (list, tuple):
+        return type(obj)(_canonical(value) for value in obj)
+    return obj
+
+
 def save_checkpoint(run_dir: str | os.PathLike, epoch: int, state: dict) -> Path:
     """Atomically writes ``epoch_NNNN.pt`` and records its digest in the manifest first.
 
@@ -254,7 +278,7 @@ def save_checkpoint(run_dir: str | os.PathLike, epoch: int, state: dict) -> Path
     run_dir = Path(run_dir)
     path = checkpoint_path(run_dir, epoch)
     buffer = io.BytesIO()
-    torch.save({"format": FORMAT, "epoch": int(epoch), **state}, buffer)
+    torch.save(_canonical({"format": FORMAT, "epoch": int(epoch), **state}), buffer)
     data = buffer.getvalue()
     try:
         _load_bytes(data)
