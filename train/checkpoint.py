@@ -32,6 +32,7 @@ import os
 import re
 import sys
 import tempfile
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Iterator
@@ -231,7 +232,9 @@ def _read_manifest(run_dir: Path) -> dict:
 def _load_bytes(data: bytes) -> Any:
     """``torch.load(weights_only=True)`` of ``data``; raises ``CheckpointError`` text on refusal."""
     try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "protocol 4": the outcome is told in one line
+            warnings.simplefilter("ignore")
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as error:  # weights_only refusals, zip errors, truncated streams
         text = str(error)
         refused = re.search(r"WeightsUnpickler error: (.*?)(?: Please use|\n|$)", text)

@@ -220,7 +220,9 @@ def _latest_good_checkpoint(out: Path) -> tuple[int, dict, Path] | None:
     try:
         return epoch, ckpt.load_checkpoint(path), path
     except ckpt.CheckpointError as error:
-        hint = f"; move it away to resume from {found[-2][1].name}" if len(found) > 1 else ""
+        about_the_file = str(error).startswith(f"{path}:")  # not the manifest or config
+        hint = (f"; move it away to resume from {found[-2][1].name}"
+                if len(found) > 1 and about_the_file else "")
         raise ckpt.CheckpointError(f"{error}{hint}") from None
 
 
