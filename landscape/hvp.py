@@ -1,0 +1,268 @@
+"""A class group's loss and its Hessian-vector product, as an operator on flat parameter vectors.
+
+For a group ``G`` of classes with evaluation samples ``(x_i, y_i), i = 1..N`` (every sample of
+the group in the chosen split, not augmented, model in eval mode so that BatchNorm uses its
+running statistics), the group loss is the plain mean
+
+.. math::  L_G(w) = \\frac{1}{N} \\sum_{i=1}^{N} \\ell(f(x_i; w), y_i),
+
+and the operator is :math:`v \\mapsto H v` with :math:`H = \\nabla^2 L_G(w)`. The samples are
+processed in batches ``B_1, ..., B_b``; each batch contributes
+:math:`\\nabla^2 \\big(\\frac{1}{N} \\sum_{i \\in B_j} \\ell_i\\big) v`, i.e. its HVP weighted by
+``|B_j| / N``, so the sum is exactly the HVP of the mean loss whatever the batch size (up to
+floating-point rounding).
+
+Vectors are flat: the parameters of ``model.named_parameters()`` in that order, each flattened
+(the layout of ``torch.nn.utils.parameters_to_vector``).
+
+How the HVP is computed (``method``), measured on CPU (2 cores; ``bench/bench_hessian.py``, figures
+in BENCHMARKS.md):
+
+* ``"double-backward"`` (reverse-over-reverse): one forward, one backward with
+  ``create_graph=True`` for the gradient, then one backward of ``<grad, v>``. A block of ``k``
+  vectors reuses the same gradient graph: ``k`` extra backward passes, vectorised with
+  ``is_grads_batched=True``.
+* ``"forward-over-reverse"``: ``torch.func.jvp`` of ``torch.func.grad``, ``vmap``-ed over the
+  columns of a block.
+
+``"double-backward"`` is the default because it was faster on both the digits MLP and the
+BatchNorm CNN for single vectors and for blocks of 10 (see BENCHMARKS.md, "HVP method"); GPUs
+were not measured yet.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+from scipy.sparse.linalg import LinearOperator
+from torch.func import functional_call
+
+__all__ = ["GroupHessian", "HVP_METHODS", "DEFAULT_METHOD", "default_batch_size"]
+
+HVP_METHODS = ("double-backward", "forward-over-reverse")
+DEFAULT_METHOD = "double-backward"
+
+PerSampleLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def default_batch_size(n_samples: int, device: torch.device) -> int:
+    """The batch size used when none is given: the whole group on a GPU (halved on
+    out-of-memory, see :meth:`GroupHessian.matmat`), at most 1024 samples on a CPU, where larger
+    batches gain nothing and only cost memory."""
+    if device.type == "cuda":
+        return max(1, n_samples)
+    return max(1, min(n_samples, 1024))
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.cuda.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "out of memory" in str(error))
+
+
+class GroupHessian:
+    """The Hessian of a group's mean loss at the model's weights, as a matrix-free operator.
+
+    Args:
+        model: the network; it is copied, cast to ``dtype`` and put in eval mode (the caller's
+            module is left untouched).
+        loss_fn: per-sample loss ``(logits, targets) -> (B,)``.
+        inputs: the group's samples (already normalised, not augmented).
+        targets: their class ids.
+        batch_size: samples per forward pass (default :func:`default_batch_size`). Results do not
+            depend on it beyond rounding.
+        dtype: computation dtype of parameters, inputs and products (default float64).
+        method: ``"double-backward"`` or ``"forward-over-reverse"`` (see module docstring).
+        progress: called with the number of HVPs after each product (e.g. ``tqdm.update``).
+
+    Attributes:
+        n_params: length of the flat parameter vector.
+        n_samples: ``N``, the number of samples averaged over.
+        hvps: Hessian-vector products computed so far (a block of ``k`` vectors counts ``k``).
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: PerSampleLoss, inputs: torch.Tensor,
+                 targets: torch.Tensor, *, batch_size: Optional[int] = None,
+                 dtype: torch.dtype = torch.float64, method: str = DEFAULT_METHOD,
+                 progress: Optional[Callable[[int], object]] = None):
+        if method not in HVP_METHODS:
+            raise ValueError(f"unknown HVP method {method!r} (choose from {', '.join(HVP_METHODS)})")
+        if inputs.shape[0] != targets.shape[0]:
+            raise ValueError(f"{inputs.shape[0]} inputs but {targets.shape[0]} targets")
+        if inputs.shape[0] == 0:
+            raise ValueError("the group has no samples")
+        if batch_size is not None and int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.dtype = dtype
+        self.method = method
+        self.progress = progress
+        # A private copy: casting to float64 and eval mode must not change the caller's model.
+        self._model = copy.deepcopy(model).to(dtype=dtype).eval()
+        self.device = next(iter(self._model.parameters())).device
+        named = [(name, p) for name, p in self._model.named_parameters() if p.requires_grad]
+        self.names = [name for name, _ in named]
+        self.shapes = [tuple(p.shape) for _, p in named]
+        self.sizes = [p.numel() for _, p in named]
+        self.params = [p.detach() for _, p in named]
+        self.buffers = {name: b for name, b in self._model.named_buffers()}
+        self.n_params = int(sum(self.sizes))
+        self.loss_fn = loss_fn
+        self.inputs = inputs.to(self.device, dtype)
+        self.targets = targets.to(self.device)
+        self.n_samples = int(inputs.shape[0])
+        self.batch_size = int(batch_size) if batch_size else default_batch_size(
+            self.n_samples, self.device)
+        self.hvps = 0
+        self.classes: Optional[list[int]] = None  # set by from_run
+        self.loss_name: Optional[str] = None
+
+    # Construction from a checkpoint ---------------------------------------------------------
+
+    @classmethod
+    def from_run(cls, run, group, split: str = "train", loss: Optional[str] = None,
+                 batch_size: Optional[int] = None, dtype: Optional[torch.dtype] = None,
+                 method: str = DEFAULT_METHOD,
+                 progress: Optional[Callable[[int], object]] = None) -> "GroupHessian":
+        """The operator of ``run``'s loss restricted to ``group`` (``head``, ``tail``, ``all`` or
+        class ids) over every ``split`` sample of the group; ``loss`` defaults to the run's."""
+        inputs, targets = run.group_data(group, split)
+        op = cls(run.model, run.loss_fn(loss), inputs, targets, batch_size=batch_size,
+                 dtype=dtype or torch.float64, method=method, progress=progress)
+        op.classes = run.classes(group)
+        op.loss_name = loss or run.config.loss
+        return op
+
+    # Flat vectors <-> parameter-shaped lists ----------------------------------------------------
+
+    def parameter_vector(self) -> torch.Tensor:
+        """The weights ``w`` as one flat vector."""
+        return torch.cat([p.reshape(-1) for p in self.params])
+
+    def _unflatten(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """``(..., n)`` -> per-parameter views of shape ``(..., *shape)``."""
+        lead = flat.shape[:-1]
+        return [chunk.reshape(*lead, *shape)
+                for chunk, shape in zip(torch.split(flat, self.sizes, dim=-1), self.shapes)]
+
+    def _batches(self, batch_size: int):
+        for start in range(0, self.n_samples, batch_size):
+            yield self.inputs[start:start + batch_size], self.targets[start:start + batch_size]
+
+    def _batch_loss(self, params: Sequence[torch.Tensor], x: torch.Tensor,
+                    y: torch.Tensor) -> torch.Tensor:
+        """``sum_{i in batch} l_i / N``: the batch's share of the group mean."""
+        state = {**dict(zip(self.names, params)), **self.buffers}
+        logits = functional_call(self._model, state, (x,))
+        return self.loss_fn(logits, y).sum() / self.n_samples
+
+    # The loss and its gradient -----------------------------------------------------------------
+
+    def loss(self) -> float:
+        """The group's mean loss ``L_G(w)``."""
+        with torch.no_grad():
+            return float(sum(self._batch_loss(self.params, x, y)
+                             for x, y in self._batches(self.batch_size)))
+
+    def gradient(self) -> torch.Tensor:
+        """``grad L_G(w)`` as a flat vector."""
+        total = torch.zeros(self.n_params, dtype=self.dtype, device=self.device)
+        for x, y in self._batches(self.batch_size):
+            params = [p.clone().requires_grad_(True) for p in self.params]
+            grads = torch.autograd.grad(self._batch_loss(params, x, y), params)
+            total += torch.cat([g.reshape(-1) for g in grads])
+        return total
+
+    # Hessian-vector products -----------------------------------------------------------------
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """``H v`` for a flat vector ``v`` of length ``n_params``."""
+        return self.matmat(v.reshape(-1, 1)).reshape(-1)
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        """``H V`` for ``V`` of shape ``(n_params, k)``: ``k`` products sharing each forward pass.
+
+        On a CUDA out-of-memory error the batch size is halved and the block recomputed.
+        """
+        if V.ndim != 2 or V.shape[0] != self.n_params:
+            raise ValueError(f"expected shape ({self.n_params}, k), got {tuple(V.shape)}")
+        columns = V.T.to(self.device, self.dtype).contiguous()  # (k, n): vmap over dim 0
+        while True:
+            try:
+                out = self._block_product(columns, self.batch_size)
+                break
+            except RuntimeError as error:
+                if not _is_out_of_memory(error) or self.batch_size == 1:
+                    raise
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                self.batch_size = max(1, self.batch_size // 2)
+        self.hvps += V.shape[1]
+        if self.progress is not None:
+            self.progress(V.shape[1])
+        return out.T
+
+    def _block_product(self, columns: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """``(k, n)`` vectors -> ``(k, n)`` products, accumulated over batches."""
+        k = columns.shape[0]
+        tangents = self._unflatten(columns)  # each (k, *shape)
+        total = torch.zeros_like(columns)
+        for x, y in self._batches(batch_size):
+            if self.method == "double-backward":
+                parts = self._double_backward(tangents, x, y, k)
+            else:
+                parts = self._forward_over_reverse(tangents, x, y)
+            total += torch.cat([p.reshape(k, -1) for p in parts], dim=1)
+        return total
+
+    def _double_backward(self, tangents, x, y, k):
+        params = [p.clone().requires_grad_(True) for p in self.params]
+        grads = torch.autograd.grad(self._batch_loss(params, x, y), params, create_graph=True)
+        if k == 1:
+            products = torch.autograd.grad(grads, params, [t[0] for t in tangents],
+                                           allow_unused=True)
+            return [torch.zeros_like(p) if h is None else h.unsqueeze(0)
+                    for p, h in zip(params, products)]
+        # One graph for the gradient, k vector-Jacobian products of it, vectorised.
+        products = torch.autograd.grad(grads, params, tangents, is_grads_batched=True,
+                                       allow_unused=True)
+        return [torch.zeros((k, *p.shape), dtype=p.dtype, device=p.device) if h is None else h
+                for p, h in zip(params, products)]
+
+    def _forward_over_reverse(self, tangents, x, y):
+        params = tuple(self.params)
+
+        def gradient(*ps):
+            return torch.func.grad(lambda *q: self._batch_loss(q, x, y),
+                                   argnums=tuple(range(len(ps))))(*ps)
+
+        def product(*ts):
+            return torch.func.jvp(gradient, params, ts)[1]
+
+        if tangents[0].shape[0] == 1:
+            return [h.unsqueeze(0) for h in product(*[t[0] for t in tangents])]
+        return list(torch.func.vmap(product)(*tangents))
+
+    # SciPy -----------------------------------------------------------------------------------
+
+    def as_linear_operator(self) -> LinearOperator:
+        """A ``scipy.sparse.linalg.LinearOperator`` (float64 numpy in and out) over this operator;
+        its products count in :attr:`hvps` too."""
+
+        def matvec(v):
+            v = torch.as_tensor(np.asarray(v, dtype=np.float64).reshape(-1))
+            return self.matvec(v).detach().cpu().double().numpy()
+
+        def matmat(V):
+            V = torch.as_tensor(np.asarray(V, dtype=np.float64))
+            return self.matmat(V).detach().cpu().double().numpy()
+
+        n = self.n_params
+        return LinearOperator((n, n), matvec=matvec, rmatvec=matvec, matmat=matmat,
+                              dtype=np.float64)
+
+    def __repr__(self) -> str:
+        return (f"GroupHessian(n_params={self.n_params}, n_samples={self.n_samples}, "
+                f"batch_size={self.batch_size}, dtype={self.dtype}, method={self.method!r})")

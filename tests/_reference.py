@@ -1,0 +1,62 @@
+"""Slow, independent references for the Hessian tests (others may import them).
+
+The dense Hessian is built by ``torch.func`` on the flattened parameters in float64, from the
+plain mean loss over all samples in one batch: no batching, no HVP code of ``landscape`` involved.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.func import functional_call
+
+__all__ = ["dense_hessian", "flat_parameters", "dense_eigh", "tiny_run"]
+
+
+def flat_parameters(model: nn.Module) -> torch.Tensor:
+    """The parameters of ``model.named_parameters()`` flattened in order (float64)."""
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).double()
+
+
+def dense_hessian(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                  inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``(n, n)`` float64 Hessian of ``mean_i loss_fn(model(x_i), y_i)`` at the model's weights,
+    in eval mode (BatchNorm uses running statistics), by reverse-over-reverse ``torch.func``."""
+    model = copy.deepcopy(model).double().eval()
+    names = [name for name, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    sizes = [p.numel() for p in model.parameters()]
+    buffers = dict(model.named_buffers())
+    x = inputs.double()
+
+    def mean_loss(flat: torch.Tensor) -> torch.Tensor:
+        params = {name: chunk.reshape(shape) for name, chunk, shape
+                  in zip(names, torch.split(flat, sizes), shapes)}
+        return loss_fn(functional_call(model, {**params, **buffers}, (x,)), targets).mean()
+
+    flat = flat_parameters(model)
+    hessian = torch.func.jacrev(torch.func.grad(mean_loss), chunk_size=64)(flat)
+    return (hessian + hessian.T) / 2  # symmetric up to rounding already; make it exact
+
+
+def dense_eigh(hessian: torch.Tensor) -> np.ndarray:
+    """All eigenvalues of a dense symmetric matrix, ascending (LAPACK, float64)."""
+    return np.linalg.eigvalsh(hessian.double().cpu().numpy())
+
+
+def tiny_run(folder, model: str = "mlp", width: int = 8, epochs: int = 6, opt: str = "ssesam",
+             loss: str = "CE", seed: int = 0) -> str:
+    """Trains a tiny digits-LT run into ``folder`` (a second or two) and returns its path."""
+    from train.cli import main
+
+    out = str(folder)
+    argv = ["--dataset", "digits", "--model", model, "--width", str(width), "--opt", opt,
+            "--loss", loss, "--epochs", str(epochs), "--lr", "0.1", "--imb_factor", "20",
+            "--seed", str(seed), "--out", out, "--no_progress", "--save_every", str(epochs)]
+    if main(argv) != 0:
+        raise RuntimeError(f"training the tiny run failed: {argv}")
+    return out
