@@ -290,3 +290,98 @@ def plot_group_densities_html(densities, path: PathLike,
     fig.update_yaxes(type="log")
     fig.update_layout(height=350 * rows, title="Hessian spectral densities, head vs tail")
     return _save_html(fig, path)
+
+
+# --------------------------------------------------------------------------------------------
+# Spectral densities (landscape.spectrum.slq): head and tail on one figure, as in the Saddle-SAM
+# figures: symmetric-log eigenvalue axis, log density axis.
+
+DENSITY_FLOOR = 1e-7  # the log axis shows density + 0 down to here (PyHessian's plots add 1e-7)
+_GROUP_COLORS = {"head": "#1f77b4", "tail": "#d62728", "all": "#2ca02c"}
+
+
+def _grid_and_density(value) -> tuple[np.ndarray, np.ndarray]:
+    """A SpectralDensity or a ``(grid, density)`` pair -> two float64 arrays."""
+    if hasattr(value, "grid") and hasattr(value, "density"):
+        return np.asarray(value.grid, np.float64), np.asarray(value.density, np.float64)
+    grid, density = value
+    return np.asarray(grid, np.float64), np.asarray(density, np.float64)
+
+
+def symlog_threshold(densities: Mapping[str, object]) -> float:
+    """The linear range ``[-c, c]`` of the symmetric-log axis: the power of ten nearest below
+    ``1e-3 * max |eigenvalue|`` (so the bulk near 0 is resolved and the outliers fit)."""
+    extent = max((np.abs(_grid_and_density(v)[0]).max() for v in densities.values()), default=1.0)
+    return float(10.0 ** math.floor(math.log10(max(extent, 1e-300) * 1e-3)))
+
+
+def _symlog(x: np.ndarray, c: float) -> np.ndarray:
+    """matplotlib's symlog mapping (base 10): linear inside ``[-c, c]``, log outside."""
+    x = np.asarray(x, np.float64)
+    a = np.abs(x) / c
+    return np.where(a <= 1, x / c, np.sign(x) * (1 + np.log10(np.maximum(a, 1))))
+
+
+def render_densities_png(densities: Mapping[str, object], title: str = "",
+                         linthresh: Optional[float] = None, floor: float = DENSITY_FLOOR) -> bytes:
+    """PNG bytes of the densities of several groups on one axis (see :func:`plot_densities_png`)."""
+    c = linthresh or symlog_threshold(densities)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for label, value in densities.items():
+        grid, density = _grid_and_density(value)
+        ax.plot(grid, np.maximum(density, floor), label=label, color=_GROUP_COLORS.get(label),
+                linewidth=1.0)
+    ax.set_xscale("symlog", linthresh=c)
+    ax.set_yscale("log")
+    ax.set_xlabel(f"eigenvalue (symmetric log, linear in [-{c:g}, {c:g}])")
+    ax.set_ylabel("density")
+    ax.axvline(0, color="black", linewidth=0.5)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(title or "Hessian spectral density (SLQ)")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def render_densities_html(densities: Mapping[str, object], title: str = "",
+                          linthresh: Optional[float] = None, floor: float = DENSITY_FLOOR) -> str:
+    """Self-contained plotly HTML (works offline) of :func:`render_densities_png`'s figure.
+
+    Plotly has no symmetric-log axis, so the eigenvalues are mapped by matplotlib's symlog formula
+    and the ticks are labelled with the eigenvalues themselves; hovering shows the eigenvalue."""
+    import plotly.graph_objects as go
+
+    c = linthresh or symlog_threshold(densities)
+    fig = go.Figure()
+    top = 0.0
+    for label, value in densities.items():
+        grid, density = _grid_and_density(value)
+        top = max(top, float(np.abs(grid).max()))
+        fig.add_trace(go.Scatter(x=_symlog(grid, c), y=np.maximum(density, floor), mode="lines",
+                                 name=label, customdata=grid, line={"color": _GROUP_COLORS.get(label)},
+                                 hovertemplate="eigenvalue %{customdata:.4g}<br>density %{y:.3g}"))
+    decades = int(math.ceil(math.log10(max(top / c, 1.0)))) if top > 0 else 0
+    ticks = [0.0] + [s * c * 10.0 ** k for k in range(decades + 1) for s in (1, -1)]
+    fig.update_xaxes(tickvals=_symlog(np.array(ticks), c).tolist(),
+                     ticktext=[f"{t:g}" for t in ticks],
+                     title=f"eigenvalue (symmetric log, linear in [-{c:g}, {c:g}])")
+    fig.update_yaxes(type="log", title="density")
+    fig.update_layout(title=title or "Hessian spectral density (SLQ)", template="plotly_white")
+    return fig.to_html(include_plotlyjs=True, full_html=True)
+
+
+def plot_densities_png(densities: Mapping[str, object], path: PathLike, title: str = "",
+                       linthresh: Optional[float] = None) -> Path:
+    """Spectral densities of several groups (``label -> SpectralDensity`` or ``(grid,
+    density)``) on one figure: symmetric-log eigenvalue axis, log density axis."""
+    atomic_write_bytes(path, render_densities_png(densities, title, linthresh))
+    return Path(path)
+
+
+def plot_densities_html(densities: Mapping[str, object], path: PathLike, title: str = "",
+                        linthresh: Optional[float] = None) -> Path:
+    """Interactive, offline version of :func:`plot_densities_png`."""
+    atomic_write_bytes(path, render_densities_html(densities, title, linthresh).encode("utf-8"))
+    return Path(path)
