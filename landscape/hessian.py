@@ -101,9 +101,9 @@ class HessianSummary:
 def _check_k(name: str, k: int, n_params: int) -> int:
     k = int(k)
     if k < 0:
-        raise AnalysisError(f"--{name} must be >= 0, got {k}")
+        raise AnalysisError(f"{name} must be >= 0, got {k}")
     if k > n_params:
-        raise AnalysisError(f"--{name} {k} is larger than the parameter count {n_params}")
+        raise AnalysisError(f"{name} = {k} is larger than the parameter count {n_params}")
     return k
 
 

@@ -1,0 +1,192 @@
+"""``python -m landscape hessian`` and ``python -m landscape spectrum``.
+
+``hessian CKPT --group G --top K --bottom K [--trace] [--json OUT]``: the K largest and K
+smallest Hessian eigenvalues of group G's mean loss (Lanczos, each with its residual), the saddle
+ratio lambda_min / lambda_max and, with --trace, a Hutch++ trace with its standard error. The
+JSON (also printed when --json is not given) holds group, classes, n_samples, loss, top, bottom,
+residuals, converged, trace, trace_stderr, ratio, hvps, seconds and the settings used.
+
+``spectrum CKPT --groups head,tail --probes P --steps S --out DIR``: stochastic Lanczos
+quadrature densities of each group, written to DIR as spectrum.npz (nodes_G, weights_G, grid_G,
+density_G, lengths_G), spectrum.json, spectrum.png and spectrum.html (all groups on one figure,
+symmetric-log eigenvalue axis, log density axis; the HTML opens offline).
+
+Groups: head, tail, all, or class ids (``--group 0,3,7``; in ``--groups``, whose items are
+separated by commas, join the ids of one group with ``+``: ``--groups head,0+3+7``).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from landscape.errors import AnalysisError
+
+__all__ = ["add_parser", "run_hessian", "run_spectrum"]
+
+
+def _common(p) -> None:
+    p.add_argument("checkpoint", help="epoch_NNNN.pt, or a run folder (its newest checkpoint)")
+    p.add_argument("--split", choices=("train", "test"), default="train",
+                   help="the group's samples, not augmented [train]")
+    p.add_argument("--loss", choices=("CE", "LDAM", "VS", "LA"),
+                   help="per-sample loss [the run's own]")
+    p.add_argument("--dtype", choices=("float64", "float32"), default="float64",
+                   help="dtype of the Hessian-vector products [float64]")
+    p.add_argument("--batch_size", type=int,
+                   help="samples per forward pass; results do not depend on it "
+                        "[GPU: all, halved on out-of-memory; CPU: at most 1024]")
+    p.add_argument("--seed", type=int, default=0, help="seed of start vectors and probes [0]")
+    p.add_argument("--device", help="cpu, cuda or cuda:N [cuda if available]")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar")
+
+
+def add_parser(subparsers) -> None:
+    doc = __doc__.split("\n\n")
+    h = subparsers.add_parser("hessian", help="extreme eigenvalues, trace and the saddle ratio "
+                                              "of a group's loss", description=doc[1])
+    _common(h)
+    h.add_argument("--group", default="all", help="head, tail, all or class ids 0,3,7 [all]")
+    h.add_argument("--top", type=int, default=1, help="largest eigenvalues [1]")
+    h.add_argument("--bottom", type=int, default=1, help="smallest (most negative) [1]")
+    h.add_argument("--trace", action="store_true", help="also estimate the trace (Hutch++)")
+    h.add_argument("--trace_method", choices=("hutch++", "hutchinson"), default="hutch++")
+    h.add_argument("--trace_hvps", type=int, default=99, help="HVPs for the trace [99]")
+    h.add_argument("--tol", type=float, default=1e-6,
+                   help="Lanczos residual tolerance, relative to ||H|| [1e-6]")
+    h.add_argument("--max_steps", type=int, default=300, help="Lanczos steps at most [300]")
+    h.add_argument("--json", metavar="OUT", help="write the result here (else print it)")
+    h.set_defaults(run=run_hessian)
+
+    s = subparsers.add_parser("spectrum", help="SLQ spectral densities of several groups (npz, "
+                                               "PNG, HTML)", description=doc[2])
+    _common(s)
+    s.add_argument("--groups", default="head,tail",
+                   help="comma-separated groups; class ids of one group joined by + [head,tail]")
+    s.add_argument("--probes", type=int, default=10, help="random probes per group [10]")
+    s.add_argument("--steps", type=int, default=90, help="Lanczos steps per probe [90]")
+    s.add_argument("--probe_batch", type=int,
+                   help="probes multiplied together in one block product [all]")
+    s.add_argument("--out", required=True, help="output folder (created if missing)")
+    s.set_defaults(run=run_spectrum)
+
+
+def _device(name):
+    if name is None:
+        return None
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise AnalysisError(f"--device {name!r} is not a device (cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise AnalysisError(f"--device {name}: CUDA is not available here")
+    if device.type not in ("cpu", "cuda"):
+        raise AnalysisError(f"--device {name!r}: only cpu and cuda are supported")
+    return device
+
+
+def _check_positive(args, *names) -> None:
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise AnalysisError(f"--{name} must be >= 1, got {value}")
+
+
+def _progress_bar(args, total: int, what: str):
+    if args.no_progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="hvp", desc=what, file=sys.stderr, leave=False)
+
+
+def run_hessian(args) -> int:
+    from landscape.hessian import DTYPES, hessian_summary, summary_json_text
+    from landscape.load import load
+    from train.checkpoint import atomic_write_bytes
+    from train.models import count_parameters
+
+    _check_positive(args, "batch_size", "max_steps")
+    if args.top < 0 or args.bottom < 0:
+        raise AnalysisError("--top and --bottom must be >= 0")
+    if not args.tol > 0:
+        raise AnalysisError(f"--tol must be > 0, got {args.tol}")
+    if args.trace and args.trace_hvps < 3:
+        raise AnalysisError(f"--trace_hvps must be >= 3, got {args.trace_hvps}")
+    if args.json is not None:
+        out = Path(args.json)
+        if out.is_dir() or not out.parent.is_dir():
+            raise AnalysisError(f"--json {out}: not a file in an existing folder")
+    run = load(args.checkpoint, device=_device(args.device))
+    # Bad groups and sizes fail here, before a progress bar is drawn: one line on stderr.
+    run.group_data(args.group, args.split)
+    n_params = count_parameters(run.model)
+    for name in ("top", "bottom"):
+        if getattr(args, name) > n_params:
+            raise AnalysisError(f"--{name} {getattr(args, name)} is larger than the parameter "
+                                f"count {n_params}")
+    total = args.max_steps + (args.trace_hvps if args.trace else 0)
+    bar = _progress_bar(args, total, f"hessian {args.group}")
+    try:
+        summary = hessian_summary(
+            run, args.group, top=args.top, bottom=args.bottom, trace=args.trace, seed=args.seed,
+            split=args.split, loss=args.loss, batch_size=args.batch_size,
+            dtype=DTYPES[args.dtype], tol=args.tol, max_steps=args.max_steps,
+            trace_method=args.trace_method, trace_hvps=args.trace_hvps,
+            progress=bar.update if bar else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    text = summary_json_text(summary) + "\n"
+    if args.json is None:
+        sys.stdout.write(text)
+    else:
+        atomic_write_bytes(args.json, text.encode())
+        ratio = "n/a" if summary.ratio is None else f"{summary.ratio:.4g}"
+        print(f"{summary.group}: lambda_max {summary.top[0] if summary.top else float('nan'):.6g}"
+              f", lambda_min {summary.bottom[0] if summary.bottom else float('nan'):.6g}, "
+              f"ratio {ratio}, converged {summary.converged}, {summary.hvps} HVPs, "
+              f"{summary.seconds:.1f} s -> {args.json}")
+    return 0
+
+
+def _groups(text: str) -> list[str]:
+    groups = [g.strip().replace("+", ",") for g in text.split(",")]
+    if not groups or any(not g for g in groups):
+        raise AnalysisError(f"--groups {text!r}: empty group name (use head,tail or 0+3,7)")
+    if len(set(groups)) != len(groups):
+        raise AnalysisError(f"--groups {text!r}: a group is named twice")
+    return groups
+
+
+def run_spectrum(args) -> int:
+    from landscape.hessian import DTYPES, save_spectra, spectral_densities
+    from landscape.load import load
+
+    _check_positive(args, "batch_size", "probes", "steps", "probe_batch")
+    groups = _groups(args.groups)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise AnalysisError(f"--out {out}: exists and is not a folder")
+    run = load(args.checkpoint, device=_device(args.device))
+    for group in groups:  # fail on a bad group before a progress bar is drawn
+        run.group_data(group, args.split)
+    bar = _progress_bar(args, len(groups) * args.probes * args.steps, "spectrum")
+    try:
+        densities = spectral_densities(
+            run, groups, probes=args.probes, steps=args.steps, seed=args.seed, split=args.split,
+            loss=args.loss, batch_size=args.batch_size, dtype=DTYPES[args.dtype],
+            probe_batch=args.probe_batch, progress=bar.update if bar else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    meta = {"checkpoint": str(run.path), "epoch": run.epoch, "split": args.split,
+            "loss": args.loss or run.config.loss, "dtype": args.dtype, "seed": args.seed,
+            "probes": args.probes, "steps": args.steps,
+            "classes": {label: run.classes(label) for label in densities}}
+    title = f"{run.run_dir.name} epoch {run.epoch}: Hessian spectral density ({args.split})"
+    written = save_spectra(densities, out, meta=meta, title=title)
+    print(f"wrote {', '.join(str(p) for p in written)}")
+    return 0
