@@ -41,6 +41,8 @@ import torch.nn as nn
 from scipy.sparse.linalg import LinearOperator
 from torch.func import functional_call
 
+from landscape import _distributed
+
 __all__ = ["GroupHessian", "HVP_METHODS", "DEFAULT_METHOD", "default_batch_size"]
 
 HVP_METHODS = ("double-backward", "forward-over-reverse")
@@ -148,8 +150,12 @@ class GroupHessian:
                 for chunk, shape in zip(torch.split(flat, self.sizes, dim=-1), self.shapes)]
 
     def _batches(self, batch_size: int):
-        for start in range(0, self.n_samples, batch_size):
-            yield self.inputs[start:start + batch_size], self.targets[start:start + batch_size]
+        # Under torchrun, this rank's share of the samples only; the sums over batches are
+        # then summed over the ranks (landscape._distributed).
+        first, stop = _distributed.sample_range(self.n_samples)
+        for start in range(first, stop, batch_size):
+            end = min(start + batch_size, stop)
+            yield self.inputs[start:end], self.targets[start:end]
 
     def _batch_loss(self, params: Sequence[torch.Tensor], x: torch.Tensor,
                     y: torch.Tensor) -> torch.Tensor:
@@ -163,8 +169,10 @@ class GroupHessian:
     def loss(self) -> float:
         """The group's mean loss ``L_G(w)``."""
         with torch.no_grad():
-            return float(sum(self._batch_loss(self.params, x, y)
-                             for x, y in self._batches(self.batch_size)))
+            total = torch.zeros((), dtype=self.dtype, device=self.device)
+            for x, y in self._batches(self.batch_size):
+                total += self._batch_loss(self.params, x, y)
+            return float(_distributed.sum_(total))
 
     def gradient(self) -> torch.Tensor:
         """``grad L_G(w)`` as a flat vector."""
@@ -173,7 +181,7 @@ class GroupHessian:
             params = [p.clone().requires_grad_(True) for p in self.params]
             grads = torch.autograd.grad(self._batch_loss(params, x, y), params)
             total += torch.cat([g.reshape(-1) for g in grads])
-        return total
+        return _distributed.sum_(total)
 
     # Hessian-vector products -----------------------------------------------------------------
 
@@ -215,7 +223,7 @@ class GroupHessian:
             else:
                 parts = self._forward_over_reverse(tangents, x, y)
             total += torch.cat([p.reshape(k, -1) for p in parts], dim=1)
-        return total
+        return _distributed.sum_(total)
 
     def _double_backward(self, tangents, x, y, k):
         params = [p.clone().requires_grad_(True) for p in self.params]

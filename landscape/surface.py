@@ -49,6 +49,7 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 
+from landscape import _distributed
 from landscape.directions import Direction
 from landscape.errors import AnalysisError
 from train.checkpoint import atomic_write_bytes
@@ -392,12 +393,13 @@ def compute_surface(run, directions: Sequence[Direction], alphas: Sequence[float
     flat_acc = {g: surface.accuracy[g].reshape(-1) for g in names}
     for first in range(0, len(pending), save_every):
         block = pending[first:first + save_every]
-        group_loss, group_acc = evaluator(coords[block])
+        # Under torchrun the block's points are shared out and gathered on every rank.
+        group_loss, group_acc = _distributed.evaluate_shared(evaluator, coords[block])
         for k, g in enumerate(names):
             flat_loss[g][block] = group_loss[:, k]
             flat_acc[g][block] = group_acc[:, k]
         flat_done[block] = True
-        if path is not None:
+        if path is not None and _distributed.is_writer():  # rank 0 writes under torchrun
             surface.save(path)
         if progress is not None:
             progress(len(block))
