@@ -33,6 +33,7 @@ were not measured yet.
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -249,9 +250,15 @@ class GroupHessian:
         def product(*ts):
             return torch.func.jvp(gradient, params, ts)[1]
 
-        if tangents[0].shape[0] == 1:
-            return [h.unsqueeze(0) for h in product(*[t[0] for t in tangents])]
-        return list(torch.func.vmap(product)(*tangents))
+        with warnings.catch_warnings():
+            # Forward-mode AD loads torch's own jvp decompositions through torch.jit.script on
+            # first use, which warns that torch.jit.script is deprecated: torch's concern, not
+            # the caller's.
+            warnings.filterwarnings("ignore", message=".*torch.jit.script.*",
+                                    category=DeprecationWarning)
+            if tangents[0].shape[0] == 1:
+                return [h.unsqueeze(0) for h in product(*[t[0] for t in tangents])]
+            return list(torch.func.vmap(product)(*tangents))
 
     # SciPy -----------------------------------------------------------------------------------
 

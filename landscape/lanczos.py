@@ -103,7 +103,8 @@ def _gaussian(n: int, count: int, generator: torch.Generator) -> torch.Tensor:
 
 
 def lanczos(matmat: Matmat, start: torch.Tensor, steps: int, *, keep_basis: bool = False,
-            restart: bool = True, seed: int = 0, stop: Optional[Callable[[np.ndarray, np.ndarray, int], bool]] = None,
+            restart: bool = True, seed: int = 0,
+            stop: Optional[Callable[[np.ndarray, np.ndarray, int], bool]] = None,
             device: Optional[torch.device] = None, operator_dtype: torch.dtype = torch.float64
             ) -> LanczosResult:
     """Runs ``steps`` Lanczos steps from each row of ``start`` side by side.
@@ -171,13 +172,18 @@ def lanczos(matmat: Matmat, start: torch.Tensor, steps: int, *, keep_basis: bool
             lengths[row] = j + 1
             norms[row] = max(norms[row], abs(alpha_np[slot]) + beta_np[slot],
                              (betas[row, j - 1] if j else 0.0) + abs(alpha_np[slot]))
-        if p == 1 and stop is not None and stop(alphas[0, :j + 1], betas[0, :j + 1], j + 1):
+        broke = beta_np <= breakdown * np.maximum(norms[rows], 1e-300)
+        # At a breakdown every Ritz residual is ~0, yet the invariant subspace found need not
+        # hold the wanted eigenvalues (nor every copy of a repeated one): never stop there when
+        # a restart can explore the rest.
+        if (p == 1 and stop is not None and not (restart and broke[0])
+                and stop(alphas[0, :j + 1], betas[0, :j + 1], j + 1)):
             break
         if j + 1 == steps:
             break
         new_q = torch.zeros_like(w)
         for slot, row in enumerate(rows):
-            if beta_np[slot] > breakdown * max(norms[row], 1e-300):
+            if not broke[slot]:
                 new_q[slot] = w[slot] / beta[slot]
             elif restart:
                 betas[row, j] = 0.0
@@ -303,7 +309,19 @@ def extreme_eigenpairs(op, top: int = 1, bottom: int = 1, *, tol: float = 1e-6,
         residual = betas[-1] * np.abs(s[-1])
         threshold = tol * np.abs(theta).max()
         chosen = np.r_[np.arange(bottom), np.arange(m - top, m)]
-        return bool((residual[chosen] <= threshold).all())
+        if not (residual[chosen] <= threshold).all():
+            return False
+        # After a restart (a zero coupling) the Ritz values of the earlier blocks are exact,
+        # but the complement they leave is known only through the current block: its extreme
+        # Ritz values must converge too, or a larger (smaller) eigenvalue may still be hidden
+        # there (e.g. the second copy of a repeated eigenvalue).
+        zeros = np.flatnonzero(betas[:-1] == 0)
+        if zeros.size == 0:
+            return True
+        first = int(zeros[-1]) + 1
+        block_theta, block_s = tridiagonal_eigh(alphas[first:], betas[first:-1])
+        block_residual = betas[-1] * np.abs(block_s[-1])
+        return bool(block_residual[0] <= threshold and block_residual[-1] <= threshold)
 
     result = lanczos(operator_matmat(op), start, max_steps, keep_basis=True, seed=seed + 1,
                      stop=done, device=device, operator_dtype=op_dtype)

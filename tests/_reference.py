@@ -14,7 +14,8 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 
-__all__ = ["dense_hessian", "flat_parameters", "dense_eigh", "tiny_run"]
+__all__ = ["dense_hessian", "flat_parameters", "dense_eigh", "tiny_run", "cached_run",
+           "dense_group_hessian"]
 
 
 def flat_parameters(model: nn.Module) -> torch.Tensor:
@@ -60,3 +61,18 @@ def tiny_run(folder, model: str = "mlp", width: int = 8, epochs: int = 6, opt: s
     if main(argv) != 0:
         raise RuntimeError(f"training the tiny run failed: {argv}")
     return out
+
+
+def cached_run(tmp_path_factory, name: str, **options) -> str:
+    """A tiny run trained once per test process (each xdist worker has its own base folder)
+    and shared by every test module of that process."""
+    folder = tmp_path_factory.getbasetemp() / f"tiny-run-{name}"
+    if not (folder / "checkpoints.json").exists():
+        tiny_run(folder, **options)
+    return str(folder)
+
+
+def dense_group_hessian(run, group, split: str = "train", loss=None) -> torch.Tensor:
+    """The dense float64 Hessian of ``run``'s mean loss over ``group``'s samples."""
+    inputs, targets = run.group_data(group, split)
+    return dense_hessian(run.model, run.loss_fn(loss), inputs, targets)
