@@ -1,0 +1,123 @@
+"""``python -m landscape report`` and ``python -m landscape demo``.
+
+``report RUN_DIR [RUN_DIR ...] --out DIR`` compares runs of different optimizers: head and tail
+``lambda_max``, ``lambda_min`` and ``lambda_min / lambda_max`` at every chosen checkpoint
+(cached in each ``RUN_DIR/hessian/``), written as ``table.csv``, ``table.md``, ``report.md``,
+``report.json``, ``indicators.png/.html`` (over epochs, SSE-SAM's stage switch marked) and
+``densities.png/.html`` (head vs tail spectral densities of each run's final checkpoint).
+
+``demo [--out checkpoints/demo] [--epochs N]`` trains SGD, SAM, ImbSAM and SSE-SAM on the
+embedded digits-LT (imbalance 20, lr 0.1, CPU, a few minutes in all) into ``OUT/OPT/``, then
+writes the report to ``OUT/report/``. Rerunning it resumes unfinished runs and reuses the
+cached Hessian results.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from landscape.errors import AnalysisError
+
+DEMO_OPTIMIZERS = ("sgd", "sam", "imbsam", "ssesam")
+# The embedded default: digits-LT at imbalance 20 (counts 120 ... 6; head = 4 classes with
+# >= 40 images, tail = 6), lr 0.1; the other settings are the seed code's defaults.
+DEMO_TRAINING = {"dataset": "digits", "imb_factor": 20.0, "lr": 0.1}
+
+
+def _add_report_options(p) -> None:
+    p.add_argument("--every", type=int, default=1,
+                   help="use checkpoints whose epoch is a multiple of K (and the last) [1]")
+    p.add_argument("--steps", type=int, default=100,
+                   help="Lanczos steps at most for the extremes, and per SLQ probe [100]")
+    p.add_argument("--probes", type=int, default=10, help="SLQ probes for the densities [10]")
+    p.add_argument("--seed", type=int, default=0, help="seed of Lanczos and of the probes [0]")
+    p.add_argument("--tol", type=float, default=1e-4,
+                   help="relative residual tolerance of the extreme eigenpairs [1e-4]")
+    p.add_argument("--split", choices=("train", "test"), default="train",
+                   help="the groups' samples [train]")
+    p.add_argument("--groups", default="head,tail", help="groups compared [head,tail]")
+    p.add_argument("--no_densities", action="store_true", help="skip the SLQ densities")
+    p.add_argument("--no_cache", action="store_true",
+                   help="neither read nor write RUN_DIR/hessian/ caches")
+    p.add_argument("--device", help="cpu, cuda or cuda:N [cuda if available]")
+    p.add_argument("--no_progress", action="store_true", help="no progress lines")
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("report", help="the saddle report across runs and epochs",
+                              description=__doc__.split("\n\n")[1])
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders to compare")
+    p.add_argument("--out", required=True, help="output folder")
+    _add_report_options(p)
+    p.set_defaults(run=run_report)
+
+    d = subparsers.add_parser("demo", help="train the four optimizers on digits-LT, then write "
+                                           "the report", description=__doc__.split("\n\n")[2])
+    d.add_argument("--out", default="checkpoints/demo", help="[checkpoints/demo]")
+    d.add_argument("--epochs", type=int, default=60, help="[60]")
+    d.add_argument("--save_every", type=int, default=6, help="checkpoint every N epochs [6]")
+    d.add_argument("--train_seed", type=int, help="training seed [the seed code's, 9826]")
+    _add_report_options(d)
+    d.set_defaults(run=run_demo)
+
+
+def _settings(args):
+    from landscape.report import ReportSettings
+
+    groups = tuple(g.strip() for g in args.groups.split(",") if g.strip())
+    return ReportSettings(every=args.every, steps=args.steps, probes=args.probes, seed=args.seed,
+                          tol=args.tol, split=args.split, groups=groups,
+                          densities=not args.no_densities)
+
+
+def _progress(args):
+    if args.no_progress:
+        return None
+    return lambda message: print(f"  {message}", file=sys.stderr, flush=True)
+
+
+def _write(report, out: Path) -> None:
+    from landscape.report import write_report
+
+    written = write_report(report, out)
+    print(report.to_markdown(), end="")
+    print(f"{len(written)} files in {out}")
+
+
+def run_report(args) -> int:
+    from landscape.report import build_report
+
+    settings = _settings(args)
+    report = build_report(args.run_dirs, settings, device=args.device,
+                          progress=_progress(args), cache=not args.no_cache)
+    _write(report, Path(args.out))
+    return 0
+
+
+def run_demo(args) -> int:
+    from landscape.report import build_report
+    from train.config import Config
+    from train.loop import train
+
+    settings = _settings(args)  # bad report options fail before any training
+    if args.epochs < 1:
+        raise AnalysisError(f"--epochs must be >= 1, got {args.epochs}")
+    if args.save_every < 1:
+        raise AnalysisError(f"--save_every must be >= 1, got {args.save_every}")
+    extra = {} if args.train_seed is None else {"seed": args.train_seed}
+    device = {"device": args.device} if args.device else {}
+    configs = {opt: Config(opt=opt, epochs=args.epochs, save_every=args.save_every,
+                           **DEMO_TRAINING, **extra, **device) for opt in DEMO_OPTIMIZERS}
+    out = Path(args.out)
+    progress = _progress(args)
+    for opt, config in configs.items():
+        if progress is not None:
+            progress(f"training {opt} ({config.epochs} epochs) into {out / opt}")
+        # resume=True: a finished run is kept as it is, an interrupted one continues.
+        train(config, out / opt, resume=True, progress=False,
+              log=lambda message: print(message, file=sys.stderr))
+    report = build_report([out / opt for opt in DEMO_OPTIMIZERS], settings,
+                          device=args.device, progress=progress, cache=not args.no_cache)
+    _write(report, out / "report")
+    return 0
