@@ -54,6 +54,28 @@ def run_case(config: Config, data) -> dict:
             "losses": losses, "acc": evaluate(trainer.model, trainer.data, config.groups)}
 
 
+def analysis(run_dir: Path, surface_path: Path) -> dict:
+    """HVPs (a block of 3), loss, gradient and extreme eigenvalues of the tail group's Hessian,
+    and a 5 x 5 surface of the run in ``run_dir``: sharded under torchrun, whole otherwise."""
+    from landscape.directions import random_directions
+    from landscape.hvp import GroupHessian
+    from landscape.lanczos import extreme_eigenpairs
+    from landscape.load import load
+    from landscape.surface import compute_surface, grid_axis
+
+    run = load(run_dir, device="cpu")
+    op = GroupHessian.from_run(run, "tail", batch_size=16)  # 60 samples: 2 batches per rank
+    block = torch.randn(op.n_params, 3, generator=torch.Generator().manual_seed(0),
+                        dtype=torch.float64)
+    eigen = extreme_eigenpairs(op, top=1, bottom=1, max_steps=60)
+    axis = grid_axis(5)
+    surface = compute_surface(run, random_directions(run.model, 2, seed=0), axis, axis,
+                              groups=("head", "tail"), path=surface_path, save_every=7)
+    return {"hvp": op.matmat(block), "loss": op.loss(), "gradient": op.gradient(),
+            "eigen": (eigen.lambda_max, eigen.lambda_min), "samples": op.n_samples,
+            "surface": {g: (surface.loss[g], surface.accuracy[g]) for g in surface.groups}}
+
+
 def _worker(rank: int, world: int, port: int, folder: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -82,6 +104,19 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
     finally:
         ckpt.save_checkpoint = real_save
     results["saves"] = saves
+
+    # Analysis of the checkpoint rank 0 wrote, shared between the ranks.
+    from landscape.surface import Surface
+
+    distributed.barrier()
+    writes = []
+    real_write = Surface.save
+    Surface.save = lambda self, path: writes.append(rank) or real_write(self, path)
+    try:
+        results["analysis"] = analysis(Path(folder) / "run", Path(folder) / "surface.npz")
+    finally:
+        Surface.save = real_write
+    results["surface_writes"] = writes
     torch.save(results, Path(folder) / f"rank{rank}.pt")
     distributed.cleanup()
 
@@ -191,3 +226,31 @@ def test_torchrun_command_line(tmp_path):
     assert max_difference(a["model"], b["model"]) <= TOLERANCE
     rows = [json.loads(l) for l in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
+
+
+def test_analysis_shared_between_two_ranks_gives_the_one_process_numbers(two_ranks, tmp_path):
+    # HVPs: each rank sums its half of the samples, then the halves are summed (float64, a
+    # different order of the same sum: 1e-12 relative). Surface points: each is computed
+    # whole by one rank, so the gathered surface is the one-process surface exactly.
+    folder, ranks = two_ranks
+    reference = analysis(folder / "run", tmp_path / "surface.npz")
+    scale = reference["hvp"].abs().max().item()
+    assert scale > 0 and reference["samples"] == 60
+    for result in ranks:
+        got = result["analysis"]
+        assert (got["hvp"] - reference["hvp"]).abs().max().item() <= 1e-12 * scale
+        assert (got["gradient"] - reference["gradient"]).abs().max().item() <= 1e-12
+        assert got["loss"] == pytest.approx(reference["loss"], rel=1e-12)
+        assert got["eigen"] == pytest.approx(reference["eigen"], rel=1e-9)
+        for group, (loss, accuracy) in reference["surface"].items():
+            assert torch.equal(torch.from_numpy(got["surface"][group][0]), torch.from_numpy(loss))
+            assert torch.equal(torch.from_numpy(got["surface"][group][1]),
+                               torch.from_numpy(accuracy))
+    # The surface file is written by rank 0 alone (saves after 7, 14, 21, 25 points), complete.
+    assert ranks[1]["surface_writes"] == [] and len(ranks[0]["surface_writes"]) == 4
+    from landscape.surface import Surface
+
+    stored = Surface.load(folder / "surface.npz")
+    assert stored.complete
+    assert torch.equal(torch.from_numpy(stored.loss["tail"]),
+                       torch.from_numpy(reference["surface"]["tail"][0]))
