@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
@@ -305,7 +306,12 @@ def _cifar(name: str, data_dir: str | os.PathLike, download: bool):
 
 
 def _download_cifar(name: str, root: Path) -> None:
-    """Downloads CIFAR with torchvision; quietly does nothing when there is no network."""
+    """Downloads CIFAR with torchvision; quietly does nothing when there is no network.
+
+    torchvision creates ``root`` before it tries the network; a failed download removes the
+    folder again if it did not exist before, so bad input leaves nothing behind.
+    """
+    existed = root.exists()
     try:
         from train._torchvision import import_torchvision
 
@@ -313,7 +319,8 @@ def _download_cifar(name: str, root: Path) -> None:
         cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
         cls(str(root), train=True, download=True)
     except Exception:  # no network, or no torchvision: the caller names the missing file
-        return
+        if not existed:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 def load_dataset(name: str, imb_factor: float, selection: str = "first",
