@@ -1,0 +1,171 @@
+"""``python -m landscape hessian`` / ``spectrum`` and the Python API behind them.
+
+Checked against the dense float64 Hessian (eigenvalues to 1e-6 relative, the trace within 4 of
+its standard errors); bad input gives one line on stderr, exit status 2 and no output file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import landscape
+from landscape.cli import main
+from landscape.hessian import hessian_summary, spectral_densities
+
+from _reference import cached_run, dense_eigh, dense_group_hessian
+
+REQUIRED = {"group", "classes", "n_samples", "loss", "top", "bottom", "residuals", "converged",
+            "trace", "trace_stderr", "ratio", "hvps", "seconds"}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def mlp_path(tmp_path_factory):
+    return cached_run(tmp_path_factory, "mlp", model="mlp", width=8, epochs=2)
+
+
+@pytest.fixture(scope="module")
+def cnn_path(tmp_path_factory):
+    return cached_run(tmp_path_factory, "cnn", model="cnn", width=4, epochs=2, loss="VS")
+
+
+@pytest.fixture(scope="module")
+def tail_hessian(mlp_path):
+    return dense_group_hessian(landscape.load(mlp_path, device="cpu"), "tail")
+
+
+def test_hessian_command_writes_the_json_and_agrees_with_the_dense_hessian(
+        mlp_path, tail_hessian, tmp_path, capsys):
+    out = tmp_path / "tail.json"
+    argv = ["hessian", mlp_path, "--group", "tail", "--top", "3", "--bottom", "2", "--trace",
+            "--tol", "1e-10", "--json", str(out), "--no_progress", "--device", "cpu"]
+    assert main(argv) == 0
+    data = json.loads(out.read_text())
+    assert REQUIRED <= set(data)
+    exact = dense_eigh(tail_hessian)
+    np.testing.assert_allclose(data["top"], exact[::-1][:3], rtol=1e-6)
+    np.testing.assert_allclose(data["bottom"], exact[:2], rtol=1e-6)
+    assert data["ratio"] == pytest.approx(exact[0] / exact[-1], rel=1e-6)
+    assert data["converged"] is True
+    assert max(data["residuals"]["top"] + data["residuals"]["bottom"]) <= data["residual_tol"]
+    assert abs(data["trace"] - float(torch.trace(tail_hessian))) < 4 * data["trace_stderr"]
+    assert data["hvps"] == data["lanczos_steps"] + data["trace_hvps"]
+    assert (data["group"], data["classes"], data["loss"]) == ("tail", [4, 5, 6, 7, 8, 9], "CE")
+    assert data["n_samples"] == 94
+    assert "lambda_max" in capsys.readouterr().out
+    # Same seed, same numbers (all but the wall time); another batch size, the same maths.
+    again = tmp_path / "again.json"
+    assert main(argv[:-5] + ["--json", str(again), "--no_progress", "--batch_size", "10"]) == 0
+    second = json.loads(again.read_text())
+    np.testing.assert_allclose(second["top"], data["top"], rtol=1e-9)
+    assert main(argv[:-5] + ["--json", str(again), "--no_progress"]) == 0
+    third = json.loads(again.read_text())
+    assert {k: v for k, v in third.items() if k != "seconds"} == \
+        {k: v for k, v in data.items() if k != "seconds"}
+
+
+def test_group_as_class_ids_on_a_batchnorm_cnn_prints_json(cnn_path, capsys):
+    assert main(["hessian", cnn_path, "--group", "7,8,9", "--top", "1", "--bottom", "1",
+                 "--no_progress", "--split", "test", "--loss", "CE"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["classes"] == [7, 8, 9] and data["n_samples"] == 150  # 50 test images each
+    assert data["loss"] == "CE" and data["split"] == "test" and data["trace"] is None
+    run = landscape.load(cnn_path, device="cpu")
+    exact = dense_eigh(dense_group_hessian(run, [7, 8, 9], split="test", loss="CE"))
+    assert data["top"][0] == pytest.approx(exact[-1], rel=1e-6)
+
+
+def test_python_api_for_the_saddle_report(mlp_path):
+    run = landscape.load(mlp_path, device="cpu")
+    s = hessian_summary(run, "head", top=1, bottom=1)
+    assert s.ratio == pytest.approx(s.bottom[0] / s.top[0])
+    assert s.top[0] > 0 and s.converged and s.loss == "CE"
+    json.dumps(s.to_json())  # plain JSON types only
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.ratio = 0.0
+
+
+def test_spectrum_command_writes_data_and_offline_figures(mlp_path, cnn_path, tmp_path):
+    out = tmp_path / "spectra"
+    assert main(["spectrum", cnn_path, "--groups", "head,7+8+9", "--probes", "2", "--steps",
+                 "8", "--out", str(out), "--no_progress"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "spectrum.html", "spectrum.json", "spectrum.npz", "spectrum.png"]
+    with np.load(out / "spectrum.npz") as f:
+        assert f["nodes_head"].shape == f["weights_head"].shape == (2, 8)
+        assert f["grid_7,8,9"].shape == f["density_7,8,9"].shape == (10_000,)
+    meta = json.loads((out / "spectrum.json").read_text())
+    assert meta["classes"]["7,8,9"] == [7, 8, 9] and meta["groups"]["head"]["hvps"] == 16
+    assert (out / "spectrum.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    html = (out / "spectrum.html").read_text()
+    assert len(html) > 1_000_000  # plotly.js is inside the file
+    # No script is fetched (the bundle's own text names a CDN only as a geo-map default).
+    assert re.findall(r"<script[^>]*\bsrc=", html) == [] and "plotly" in html
+
+
+def test_spectral_densities_api_equals_slq_per_group(mlp_path):
+    run = landscape.load(mlp_path, device="cpu")
+    both = spectral_densities(run, ["head", "tail"], probes=2, steps=6, seed=1)
+    alone = spectral_densities(run, ["tail"], probes=2, steps=6, seed=1)
+    assert list(both) == ["head", "tail"]
+    assert np.array_equal(both["tail"].nodes, alone["tail"].nodes)
+
+
+def _mismatched_copy(path: str, tmp_path: Path) -> str:
+    copy = tmp_path / "mismatched"
+    shutil.copytree(path, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["width"] = 9  # the weights are of a width-8 MLP
+    (copy / "config.json").write_text(json.dumps(config))
+    return str(copy)
+
+
+BAD_HESSIAN = {"unknown group": ["--group", "middle"], "unknown class id": ["--group", "3,10"],
+               "empty group": ["--group", ","], "k too large": ["--top", "100000"],
+               "config mismatch": [], "bad device": ["--device", "tpu:0"]}
+BAD_SPECTRUM = {"unknown group": ["--groups", "head,middle"],
+                "unknown class id": ["--groups", "head,3+10"], "empty group": ["--groups", "head,"],
+                "k too large": ["--steps", "0"], "config mismatch": [],
+                "bad device": ["--device", "tpu:0"]}
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+    return err
+
+
+@pytest.mark.parametrize("case", list(BAD_HESSIAN))
+def test_bad_input_is_one_line_exit_2_and_no_file(case, mlp_path, tmp_path, capsys):
+    path = _mismatched_copy(mlp_path, tmp_path) if case == "config mismatch" else mlp_path
+    out = tmp_path / "out.json"
+    assert main(["hessian", path, "--json", str(out)] + BAD_HESSIAN[case]) == 2
+    err = _one_error_line(capsys)
+    if case == "config mismatch":
+        assert "config" in err
+    assert not out.exists()
+    spectra = tmp_path / "spectra"
+    assert main(["spectrum", path, "--out", str(spectra)] + BAD_SPECTRUM[case]) == 2
+    _one_error_line(capsys)
+    assert not spectra.exists()
+
+
+def test_command_line_exit_status_in_a_subprocess(mlp_path, tmp_path):
+    out = tmp_path / "x.json"
+    done = subprocess.run([sys.executable, "-m", "landscape", "hessian", mlp_path, "--group",
+                           "middle", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "error: unknown group 'middle' (head, tail, all, or class ids like 0,3,7)"]
+    assert done.stdout == "" and not out.exists()
