@@ -72,5 +72,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = build_parser().parse_args(argv)
         return int(args.run(args) or 0)
     except (UsageError, *USER_ERRORS) as error:
-        print(f"error: {error}", file=sys.stderr)
+        message = str(error).replace("\r", "\\r").replace("\n", "\\n")  # one line, always
+        print(f"error: {message}", file=sys.stderr)
         return EXIT_USAGE

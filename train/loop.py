@@ -267,15 +267,15 @@ def train(config: Config, out: str | Path, resume: bool = False, overwrite: bool
         is_writer: whether this process writes files (rank 0 under torchrun).
     """
     out = Path(out)
-    trainer = Trainer.build(config, data=data, reduce_gradients=reduce_gradients)
+    # The folder and its newest checkpoint are checked before the (slow) data and model.
     state = _prepare_folder(config, out, resume, overwrite)
+    found = _latest_good_checkpoint(out) if state == 0 else None
+    trainer = Trainer.build(config, data=data, reduce_gradients=reduce_gradients)
     start = 0
-    if state == 0:
-        found = _latest_good_checkpoint(out)
-        if found is not None:
-            start, saved, path = found
-            _restore(trainer, saved, path)
-            log(f"resuming {out} after epoch {start}")
+    if found is not None:
+        start, saved, path = found
+        _restore(trainer, saved, path)
+        log(f"resuming {out} after epoch {start}")
     distributed.barrier()  # under torchrun: every rank has read the folder before rank 0 writes
     if is_writer:
         stale = ckpt.clean_stale_temps(out)  # left by a killed writer
