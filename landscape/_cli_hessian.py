@@ -139,6 +139,10 @@ def run_hessian(args) -> int:
     finally:
         if bar is not None:
             bar.close()
+    from landscape._distributed import is_writer
+
+    if not is_writer():  # under torchrun, rank 0 reports and writes
+        return 0
     text = summary_json_text(summary) + "\n"
     if args.json is None:
         sys.stdout.write(text)
@@ -187,6 +191,10 @@ def run_spectrum(args) -> int:
             "probes": args.probes, "steps": args.steps,
             "classes": {label: run.classes(label) for label in densities}}
     title = f"{run.run_dir.name} epoch {run.epoch}: Hessian spectral density ({args.split})"
+    from landscape._distributed import is_writer
+
+    if not is_writer():  # under torchrun, rank 0 writes
+        return 0
     written = save_spectra(densities, out, meta=meta, title=title)
     print(f"wrote {', '.join(str(p) for p in written)}")
     return 0

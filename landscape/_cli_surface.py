@@ -171,9 +171,13 @@ def run(args) -> int:
     found, alphas, betas, trajectory = _directions(args, run_, groups, stored)
     if trajectory is not None:
         request["trajectory"] = trajectory
-    out.mkdir(parents=True, exist_ok=True)
-    if args.overwrite and path.exists():
-        path.unlink()
+    from landscape import _distributed
+
+    if _distributed.is_writer():  # under torchrun, rank 0 writes
+        out.mkdir(parents=True, exist_ok=True)
+        if args.overwrite and path.exists():
+            path.unlink()
+    _distributed.barrier()  # no rank reads the old file after rank 0 removed it
     bar = None
     if not args.no_progress:
         from tqdm.auto import tqdm
@@ -189,6 +193,8 @@ def run(args) -> int:
                               progress=bar.update if bar else None, request=request)
     if bar is not None:
         bar.close()
+    if not _distributed.is_writer():
+        return 0
     written = write_figures(surface, out)
     loss, acc = surface.centre("all")
     print(f"{path}: {surface.ndim}-D surface, {surface.done.size} points; at the centre loss "

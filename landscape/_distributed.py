@@ -28,11 +28,13 @@ import torch.distributed as dist
 
 from train import distributed as _train
 
-__all__ = ["setup", "world", "rank", "is_writer", "sample_range", "sum_", "evaluate_shared"]
+__all__ = ["setup", "world", "rank", "is_writer", "barrier", "sample_range", "sum_",
+           "evaluate_shared"]
 
 world = _train.world
 rank = _train.rank
 is_writer = _train.is_main
+barrier = _train.barrier
 
 
 def setup(device: Optional[str]) -> Optional[str]:

@@ -65,11 +65,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _distributed_setup(args) -> None:
+    """Under torchrun, ``hessian``, ``spectrum`` and ``surface`` share their work between the
+    ranks (``landscape/_distributed.py``): process group, this rank's device, progress bars and
+    files from rank 0 only."""
+    if args.command not in ("hessian", "spectrum", "surface"):
+        return
+    import atexit
+
+    from landscape import _distributed
+    from landscape.errors import AnalysisError
+    from train.distributed import DistributedError, cleanup
+
+    try:
+        device = _distributed.setup(getattr(args, "device", None))
+    except DistributedError as error:
+        raise AnalysisError(str(error)) from None
+    if device is not None:
+        atexit.register(cleanup)
+        args.device = device
+        args.no_progress = args.no_progress or not _distributed.is_writer()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from landscape.errors import USER_ERRORS
 
     try:
         args = build_parser().parse_args(argv)
+        _distributed_setup(args)
         return int(args.run(args) or 0)
     except (UsageError, *USER_ERRORS) as error:
         message = str(error).replace("\r", "\\r").replace("\n", "\\n")  # one line, always

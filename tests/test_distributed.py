@@ -254,3 +254,26 @@ def test_analysis_shared_between_two_ranks_gives_the_one_process_numbers(two_ran
     assert stored.complete
     assert torch.equal(torch.from_numpy(stored.loss["tail"]),
                        torch.from_numpy(reference["surface"]["tail"][0]))
+
+
+def test_torchrun_landscape_hessian_command(two_ranks, tmp_path):
+    # `torchrun -m landscape hessian`: the HVPs shared by 2 ranks, the JSON written by rank 0,
+    # the same eigenvalues as one process (to 1e-12 relative) after the same number of HVPs.
+    from landscape.cli import main as landscape_main
+
+    folder, _ = two_ranks
+    args = ["hessian", str(folder / "run"), "--group", "tail", "--max_steps", "40",
+            "--device", "cpu", "--no_progress", "--batch_size", "16"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node", "2", "-m", "landscape", *args,
+                           "--json", str(tmp_path / "two.json")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(done.stdout.strip().splitlines()) == 1  # rank 0's summary line only
+    assert landscape_main([*args, "--json", str(tmp_path / "one.json")]) == 0
+    two = json.loads((tmp_path / "two.json").read_text())
+    one = json.loads((tmp_path / "one.json").read_text())
+    assert two["hvps"] == one["hvps"] and two["n_samples"] == one["n_samples"] == 60
+    for key in ("top", "bottom"):
+        assert two[key] == pytest.approx(one[key], rel=1e-12)
