@@ -80,6 +80,14 @@ class GroupHessian:
         dtype: computation dtype of parameters, inputs and products (default float64).
         method: ``"double-backward"`` or ``"forward-over-reverse"`` (see module docstring).
         progress: called with the number of HVPs after each product (e.g. ``tqdm.update``).
+        cache_graph: with ``"double-backward"``, when all samples are one batch, keep that
+            batch's gradient graph between products, so that each product is one backward pass
+            instead of a forward and two backward passes. The graph is what one product holds at
+            its peak anyway, so this costs no extra peak memory; with several batches it would
+            (every batch's graph), and it is not done. Default True.
+
+    The weights are those of ``model`` at construction (``params``; not to be reassigned once
+    products have been taken, as a cached graph would keep the old ones).
 
     Attributes:
         n_params: length of the flat parameter vector.
@@ -90,7 +98,8 @@ class GroupHessian:
     def __init__(self, model: nn.Module, loss_fn: PerSampleLoss, inputs: torch.Tensor,
                  targets: torch.Tensor, *, batch_size: Optional[int] = None,
                  dtype: torch.dtype = torch.float64, method: str = DEFAULT_METHOD,
-                 progress: Optional[Callable[[int], object]] = None):
+                 progress: Optional[Callable[[int], object]] = None,
+                 cache_graph: bool = True):
         if method not in HVP_METHODS:
             raise ValueError(f"unknown HVP method {method!r} (choose from {', '.join(HVP_METHODS)})")
         if inputs.shape[0] != targets.shape[0]:
@@ -119,6 +128,8 @@ class GroupHessian:
         self.batch_size = int(batch_size) if batch_size else default_batch_size(
             self.n_samples, self.device)
         self.hvps = 0
+        self.cache_graph = bool(cache_graph)
+        self._graph = None  # (params, grads) of the single batch, see cache_graph
         self.classes: Optional[list[int]] = None  # set by from_run
         self.loss_name: Optional[str] = None
 
@@ -128,12 +139,14 @@ class GroupHessian:
     def from_run(cls, run, group, split: str = "train", loss: Optional[str] = None,
                  batch_size: Optional[int] = None, dtype: Optional[torch.dtype] = None,
                  method: str = DEFAULT_METHOD,
-                 progress: Optional[Callable[[int], object]] = None) -> "GroupHessian":
+                 progress: Optional[Callable[[int], object]] = None,
+                 cache_graph: bool = True) -> "GroupHessian":
         """The operator of ``run``'s loss restricted to ``group`` (``head``, ``tail``, ``all`` or
         class ids) over every ``split`` sample of the group; ``loss`` defaults to the run's."""
         inputs, targets = run.group_data(group, split)
         op = cls(run.model, run.loss_fn(loss), inputs, targets, batch_size=batch_size,
-                 dtype=dtype or torch.float64, method=method, progress=progress)
+                 dtype=dtype or torch.float64, method=method, progress=progress,
+                 cache_graph=cache_graph)
         op.classes = run.classes(group)
         op.loss_name = loss or run.config.loss
         return op
@@ -208,6 +221,7 @@ class GroupHessian:
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
                 self.batch_size = max(1, self.batch_size // 2)
+                self._graph = None
         self.hvps += V.shape[1]
         if self.progress is not None:
             self.progress(V.shape[1])
@@ -226,17 +240,29 @@ class GroupHessian:
             total += torch.cat([p.reshape(k, -1) for p in parts], dim=1)
         return _distributed.sum_(total)
 
-    def _double_backward(self, tangents, x, y, k):
+    def _gradient_graph(self, x, y):
+        """``(params, grads)`` with the graph of ``grads`` kept for differentiation; reused
+        across products when the whole share of samples is one batch (see ``cache_graph``)."""
+        if self._graph is not None:
+            return self._graph
         params = [p.clone().requires_grad_(True) for p in self.params]
         grads = torch.autograd.grad(self._batch_loss(params, x, y), params, create_graph=True)
+        first, stop = _distributed.sample_range(self.n_samples)
+        if self.cache_graph and stop - first <= self.batch_size:
+            self._graph = (params, grads)
+        return params, grads
+
+    def _double_backward(self, tangents, x, y, k):
+        params, grads = self._gradient_graph(x, y)
+        keep = self._graph is not None
         if k == 1:
             products = torch.autograd.grad(grads, params, [t[0] for t in tangents],
-                                           allow_unused=True)
+                                           allow_unused=True, retain_graph=keep)
             return [torch.zeros_like(p) if h is None else h.unsqueeze(0)
                     for p, h in zip(params, products)]
         # One graph for the gradient, k vector-Jacobian products of it, vectorised.
         products = torch.autograd.grad(grads, params, tangents, is_grads_batched=True,
-                                       allow_unused=True)
+                                       allow_unused=True, retain_graph=keep)
         return [torch.zeros((k, *p.shape), dtype=p.dtype, device=p.device) if h is None else h
                 for p, h in zip(params, products)]
 

@@ -74,6 +74,18 @@ def test_results_do_not_depend_on_the_batch_size(case, mlp, cnn, dense):
     assert np.ptp(losses) < 1e-12 * abs(losses[0])
 
 
+def test_the_cached_gradient_graph_gives_the_same_products(cnn, dense):
+    cached = GroupHessian.from_run(cnn, CNN_GROUP)
+    fresh = GroupHessian.from_run(cnn, CNN_GROUP, cache_graph=False)
+    split = GroupHessian.from_run(cnn, CNN_GROUP, batch_size=10)  # several batches: no cache
+    V = _vectors(cached.n_params, 4, seed=8)
+    for _ in range(2):  # the second round runs on the kept graph
+        for k in (1, 4):
+            assert torch.equal(cached.matmat(V[:, :k]), fresh.matmat(V[:, :k]))
+            assert _relative(split.matmat(V[:, :k]), dense["cnn"] @ V[:, :k]) < 1e-10
+    assert cached._graph is not None and fresh._graph is None and split._graph is None
+
+
 def test_a_group_given_as_class_ids_is_the_same_operator(mlp):
     tail = GroupHessian.from_run(mlp, "tail")
     as_list = GroupHessian.from_run(mlp, mlp.groups["tail"])
