@@ -242,6 +242,7 @@ def _load_bytes(data: bytes) -> Any:
             raise _Refused(f"refused to unpickle it ({_one_line(refused.group(1), 160)}); "
                            "only tensors and plain data are ever loaded, nothing was run") from None
         first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+        first = first.split(". This is an internal miniz error")[0]  # the rest is advice
         raise _Refused(f"not a loadable checkpoint ({_one_line(first, 200)})") from None
 
 
