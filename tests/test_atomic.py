@@ -125,7 +125,8 @@ def test_stale_temporary_files_are_ignored_and_cleaned_on_resume(tmp_path, refer
              run / ".metrics.jsonl.zzzz9999.tmp"]
     for path in stale:
         path.write_bytes(b"PK\x03\x04 half a file")
-    keep = [run / ".notes.tmp", run / "epoch_0006.pt.bak"]  # not ours: never touched
+    keep = [run / ".notes.tmp", run / "epoch_0006.pt.bak",  # not the trainer's: never touched
+            run / ".report.json.abcd1234.tmp"]  # e.g. an analysis writing at the same time
     for path in keep:
         path.write_bytes(b"user data")
     assert [e for e, _ in ckpt.list_checkpoints(run)] == [0, 2, 4]

@@ -49,7 +49,7 @@ __all__ = [
 FORMAT = "sse-sam-checkpoint/1"
 CHECKPOINT_RE = re.compile(r"^epoch_(\d{4,})\.pt$")
 # tempfile.mkstemp(prefix=".NAME.", suffix=".tmp"): 8 random characters from [a-z0-9_].
-TEMP_RE = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+TEMP_RE = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp$")
 MANIFEST = "checkpoints.json"
 _JSON_ERRORS = (OSError, ValueError, UnicodeDecodeError, RecursionError)
 
@@ -307,15 +307,19 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
 
 
 def clean_stale_temps(run_dir: str | os.PathLike) -> list[Path]:
-    """Removes the temporary files a killed writer left in ``run_dir``; returns them.
+    """Removes the temporary files a killed trainer left in ``run_dir``; returns them.
 
-    Only names of the form ``.NAME.XXXXXXXX.tmp`` (what :func:`atomic_writer` creates) are
-    touched. Call it only while no other process writes into the folder.
+    Only ``.NAME.XXXXXXXX.tmp`` files (what :func:`atomic_writer` creates) of the run's own
+    files are touched (``NAME`` a checkpoint, the manifest, ``config.json`` or
+    ``metrics.jsonl``): an analysis writing its own files into the folder is left alone.
     """
     run_dir = Path(run_dir)
     removed = []
     for entry in run_dir.iterdir() if run_dir.is_dir() else []:
-        if TEMP_RE.match(entry.name) and entry.is_file():
+        match = TEMP_RE.match(entry.name)
+        if match and entry.is_file() and (
+                match.group("name") in (MANIFEST, "config.json", "metrics.jsonl")
+                or CHECKPOINT_RE.match(match.group("name"))):
             with contextlib.suppress(FileNotFoundError):
                 entry.unlink()
                 removed.append(entry)
