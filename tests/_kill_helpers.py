@@ -17,7 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-PRELOAD = ["torch", "torch._dynamo", "sklearn.datasets", "tqdm.auto", "train.loop", "train.cli", "_kill_helpers"]
+# torch._dynamo: torch.optim imports it on first use, which alone takes seconds.
+PRELOAD = ["torch", "torch._dynamo", "sklearn.datasets", "tqdm.auto", "train.loop", "train.cli",
+           "_kill_helpers"]
 
 
 def forkserver_context():

@@ -37,7 +37,7 @@ from train import checkpoint as ckpt  # noqa: E402
 from train import data as train_data  # noqa: E402
 from train import loop  # noqa: E402
 from train.cli import build_parser as train_parser, main as train_main  # noqa: E402
-from train.config import Config, ConfigError  # noqa: E402
+from train.config import ConfigError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 FUZZ = settings(deadline=None, derandomize=True, database=None, print_blob=True,
