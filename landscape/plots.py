@@ -197,8 +197,10 @@ def plot_indicators_png(series: Mapping[str, Mapping[str, Mapping[str, Sequence[
                            linewidth=1, label=f"{run_label} stage II" if row == 0 else None)
             if key == "ratio":
                 ax.axhline(0, color="black", linewidth=0.6)
-            if key == "lambda_max":
-                ax.set_yscale("symlog", linthresh=1e-3)
+            values = [v for data in (g.get(group) for g in series.values()) if data
+                      for v in data[key]]
+            if key == "lambda_max" and values and min(values) > 0:
+                ax.set_yscale("log")
             ax.set_ylabel(label)
             if row == 0:
                 ax.set_title(f"{group} loss")
@@ -253,8 +255,11 @@ def plot_group_densities_png(densities: Mapping[str, Mapping[str, tuple[np.ndarr
     fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 3.6 * rows), squeeze=False)
     for k, (run_label, per_group) in enumerate(densities.items()):
         ax = axes[k // cols][k % cols]
+        peak = 1e-12
         for group, (grid, density) in per_group.items():
             ax.semilogy(grid, np.clip(density, 1e-12, None), label=group)
+            peak = max(peak, float(np.max(density)))
+        ax.set_ylim(bottom=peak * 1e-7)  # below that: only the Gaussians' far tails
         ax.axvline(0, color="black", linewidth=0.6)
         epoch = (epochs or {}).get(run_label)
         ax.set_title(run_label + (f" (epoch {epoch})" if epoch is not None else ""))
@@ -265,6 +270,7 @@ def plot_group_densities_png(densities: Mapping[str, Mapping[str, tuple[np.ndarr
     for k in range(len(densities), rows * cols):
         axes[k // cols][k % cols].set_visible(False)
     fig.suptitle("Hessian spectral densities (SLQ), head vs tail")
+    fig.tight_layout()
     return _save_png(fig, path)
 
 

@@ -210,8 +210,8 @@ class SaddleReport:
         for row in self.table_rows():
             cells = [row["run"]] + [_fmt(row[k], ".1f") for k in ("acc", "many", "medium", "few")]
             for group in self.settings.groups:
-                cells += [_fmt(row[f"{group}_lambda_max"], ".3g"),
-                          _fmt(row[f"{group}_lambda_min"], ".3g"),
+                cells += [_fmt(row[f"{group}_lambda_max"], "#.3g"),
+                          _fmt(row[f"{group}_lambda_min"], "#.3g"),
                           _fmt(row[f"{group}_ratio"], ".3f")]
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines) + "\n"

@@ -155,7 +155,7 @@ def test_report_bad_input(runs, tmp_path, capsys):
 
 def test_demo_trains_four_optimizers_and_writes_the_report(tmp_path, capsys, monkeypatch):
     out = tmp_path / "demo"
-    argv = ["demo", "--out", str(out), "--epochs", "2", "--save_every", "1", "--steps", "20",
+    argv = ["demo", "--out", str(out), "--epochs", "1", "--save_every", "1", "--steps", "20",
             "--probes", "2", "--no_progress"]
     code, stdout, _ = _cli(argv, capsys)
     assert code == 0
