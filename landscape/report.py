@@ -3,14 +3,14 @@ r"""The saddle report: head and tail Hessian extremes over training, across opti
 For every run (one optimizer each: SGD, SAM, ImbSAM, SSE-SAM) and every chosen checkpoint, and
 for each group :math:`G` (``head``, ``tail``), the extreme eigenvalues of the Hessian of the
 group's mean training loss (:mod:`landscape.hvp`, float64, eval mode, no augmentation) are
-found by Lanczos (:func:`landscape.lanczos.extreme_eigenpairs`), and the saddle indicator
+found by Lanczos (:func:`landscape.hessian.hessian_summary`), and the saddle indicator
 
 .. math::  r_G = \lambda_{\min}(H_G) / \lambda_{\max}(H_G)
 
 is reported: :math:`r_G < 0` means negative curvature, a saddle of that group's loss, and
 :math:`|r_G|` how strong it is relative to the sharpest direction (Rangwani et al. 2022).
 At the final checkpoint of each run the head and tail spectral densities are estimated by SLQ
-(:func:`landscape.spectrum.slq`).
+(:func:`landscape.hessian.spectral_densities`).
 
 Results are cached per checkpoint, next to it: ``RUN_DIR/hessian/epoch_NNNN_GROUP.json`` holds
 one entry per set of settings (kind, group classes, split, loss, Lanczos limits, seed, and the
@@ -333,11 +333,9 @@ def group_indicators(run, group: str, settings: ReportSettings = ReportSettings(
                      cache: bool = True) -> GroupIndicators:
     """``lambda_max``, ``lambda_min`` and their ratio for ``group`` at ``run``'s checkpoint,
     read from ``RUN_DIR/hessian/epoch_NNNN_GROUP.json`` when computed before with the same
-    settings, else computed (Lanczos, float64) and added to that file."""
-    import time
-
-    from landscape.hvp import GroupHessian
-    from landscape.lanczos import extreme_eigenpairs
+    settings, else computed (:func:`landscape.hessian.hessian_summary`, float64) and added to
+    that file with the whole summary."""
+    from landscape.hessian import hessian_summary
 
     key = _cache_key(run, group, "extremes", settings)
     key_id = _key_id(key)
@@ -345,21 +343,19 @@ def group_indicators(run, group: str, settings: ReportSettings = ReportSettings(
     entries = _read_entries(path) if cache else {}
     if key_id in entries and entries[key_id].get("key") == key:
         return GroupIndicators.from_json(entries[key_id]["result"])
-    began = time.perf_counter()
-    op = GroupHessian.from_run(run, group, split=settings.split)
-    result = extreme_eigenpairs(op, top=1, bottom=1, tol=settings.tol,
-                                max_steps=settings.steps, seed=settings.seed)
-    lambda_max, lambda_min = float(result.top[0]), float(result.bottom[0])
+    summary = hessian_summary(run, group, top=1, bottom=1, seed=settings.seed,
+                              split=settings.split, tol=settings.tol, max_steps=settings.steps)
     indicators = GroupIndicators(
-        epoch=run.epoch, group=group, lambda_max=lambda_max, lambda_min=lambda_min,
-        ratio=lambda_min / lambda_max if lambda_max != 0 else math.nan,
-        converged=result.converged,
-        residuals=(float(result.top_residuals[0]), float(result.bottom_residuals[0])),
-        lanczos_steps=int(result.steps), seconds=time.perf_counter() - began)
+        epoch=run.epoch, group=group, lambda_max=summary.top[0], lambda_min=summary.bottom[0],
+        ratio=math.nan if summary.ratio is None else summary.ratio,
+        converged=summary.converged,
+        residuals=(float(summary.residuals["top"][0]), float(summary.residuals["bottom"][0])),
+        lanczos_steps=summary.lanczos_steps, seconds=summary.seconds)
     if cache:
         path.parent.mkdir(exist_ok=True)
         entries = _read_entries(path)  # re-read: another process may have added entries
-        entries[key_id] = {"key": key, "result": indicators.to_json()}
+        entries[key_id] = {"key": key, "result": indicators.to_json(),
+                           "summary": summary.to_json()}
         ckpt.atomic_write_json(path, {"format": CACHE_FORMAT, "entries": entries})
     return indicators
 
@@ -368,8 +364,7 @@ def group_density(run, group: str, settings: ReportSettings = ReportSettings(),
                   cache: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """``(grid, density)``: the SLQ spectral density of ``group``'s Hessian at ``run``'s
     checkpoint, cached in ``RUN_DIR/hessian/epoch_NNNN_GROUP_slq_KEY.npz``."""
-    from landscape.hvp import GroupHessian
-    from landscape.spectrum import slq
+    from landscape.hessian import spectral_densities
 
     key = _cache_key(run, group, "slq", settings)
     path = _cache_folder(run) / f"epoch_{run.epoch:04d}_{group}_slq_{_key_id(key)}.npz"
@@ -380,8 +375,8 @@ def group_density(run, group: str, settings: ReportSettings = ReportSettings(),
                     return f["grid"], f["density"]
         except (OSError, ValueError, KeyError):
             pass  # damaged: recompute
-    op = GroupHessian.from_run(run, group, split=settings.split)
-    density = slq(op, probes=settings.probes, steps=settings.steps, seed=settings.seed)
+    density = spectral_densities(run, [group], probes=settings.probes, steps=settings.steps,
+                                 seed=settings.seed, split=settings.split)[group]
     if cache:
         path.parent.mkdir(exist_ok=True)
         buffer = io.BytesIO()

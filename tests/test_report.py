@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 
 import landscape
-import landscape.lanczos
-import landscape.spectrum
+import landscape.hessian
 from landscape.cli import main as landscape_main
 from landscape.errors import AnalysisError
 from landscape.report import (ReportSettings, build_report, group_indicators, select_checkpoints,
@@ -60,13 +59,13 @@ def test_results_are_cached_per_checkpoint_and_keyed_by_settings(runs, monkeypat
     first = group_indicators(run, "tail", FAST)
     assert path.exists()
     calls = []
-    real = landscape.lanczos.extreme_eigenpairs
+    real = landscape.hessian.hessian_summary
 
     def counting(*args, **kwargs):
         calls.append(kwargs)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(landscape.lanczos, "extreme_eigenpairs", counting)
+    monkeypatch.setattr(landscape.hessian, "hessian_summary", counting)
     assert group_indicators(run, "tail", FAST) == first and calls == []  # from the cache
     other = group_indicators(run, "tail", ReportSettings(steps=40, probes=2, tol=1e-6, seed=1))
     assert len(calls) == 1 and other.lambda_max == pytest.approx(first.lambda_max, rel=1e-4)
@@ -165,8 +164,8 @@ def test_demo_trains_four_optimizers_and_writes_the_report(tmp_path, capsys, mon
         config = ckpt.read_config(out / opt)
         assert config["opt"] == opt and config["lr"] == 0.1 and config["imb_factor"] == 20
     # A rerun trains nothing and computes nothing: everything is on disk.
-    monkeypatch.setattr(landscape.lanczos, "extreme_eigenpairs", None)
-    monkeypatch.setattr(landscape.spectrum, "slq", None)
+    monkeypatch.setattr(landscape.hessian, "hessian_summary", None)
+    monkeypatch.setattr(landscape.hessian, "spectral_densities", None)
     before = {p: p.stat().st_mtime_ns for p in out.glob("*/epoch_*.pt")}
     assert _cli(argv, capsys)[0] == 0
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/epoch_*.pt")} == before
