@@ -153,7 +153,9 @@ def lanczos(matmat: Matmat, start: torch.Tensor, steps: int, *, keep_basis: bool
         rows = np.flatnonzero(active)
         if rows.size == 0:
             break
-        index = torch.as_tensor(rows, device=device)
+        # A slice while every run is active: indexing with a list would copy the whole basis
+        # at every step.
+        index = slice(None) if rows.size == p else torch.as_tensor(rows, device=device)
         basis[index, j] = q[index]
         w = matmat(q[index].T.contiguous()).T.to(device, torch.float64)  # (a, n)
         hvps += rows.size
@@ -195,8 +197,7 @@ def lanczos(matmat: Matmat, start: torch.Tensor, steps: int, *, keep_basis: bool
             else:
                 betas[row, j] = 0.0
                 active[row] = False
-        q = q.clone()
-        q[index] = new_q
+        q = new_q if rows.size == p else q.index_copy(0, index, new_q)
     m = int(lengths.max())
     return LanczosResult(alphas[:, :m], betas[:, :m], lengths,
                          basis[:, :m] if keep_basis else None, hvps)

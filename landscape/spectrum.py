@@ -58,10 +58,17 @@ def gaussian_density(nodes: np.ndarray, weights: np.ndarray, grid: np.ndarray,
     grid = np.asarray(grid, dtype=np.float64)
     density = np.zeros_like(grid)
     norm = 1.0 / np.sqrt(2 * np.pi * variance)
-    # Chunks of nodes keep the (nodes x grid) temporary small.
-    for start in range(0, nodes.size, 64):
-        t, w = nodes[start:start + 64, None], weights[start:start + 64, None]
-        density += (w * norm * np.exp(-(grid[None, :] - t) ** 2 / (2 * variance))).sum(axis=0)
+    # Beyond 39 standard deviations exp(-x^2/2) < 1e-330 underflows to 0 in float64, so each
+    # Gaussian is evaluated on its window only: the same numbers, ~20x less work on 10^4 points.
+    reach = 39.0 * np.sqrt(variance)
+    if np.all(np.diff(grid) >= 0):
+        lo = np.searchsorted(grid, nodes - reach, side="left")
+        hi = np.searchsorted(grid, nodes + reach, side="right")
+        for t, w, a, b in zip(nodes, weights, lo, hi):
+            density[a:b] += w * norm * np.exp(-(grid[a:b] - t) ** 2 / (2 * variance))
+        return density / probes
+    for t, w in zip(nodes, weights):  # an unsorted grid: every point
+        density += w * norm * np.exp(-(grid - t) ** 2 / (2 * variance))
     return density / probes
 
 
