@@ -30,6 +30,7 @@ import hashlib
 import io
 import json
 import math
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
@@ -373,7 +374,7 @@ def group_density(run, group: str, settings: ReportSettings = ReportSettings(),
             with np.load(path, allow_pickle=False) as f:
                 if json.loads(str(f["key"])) == key:
                     return f["grid"], f["density"]
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError):
             pass  # damaged: recompute
     density = spectral_densities(run, [group], probes=settings.probes, steps=settings.steps,
                                  seed=settings.seed, split=settings.split)[group]

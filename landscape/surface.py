@@ -40,6 +40,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
@@ -288,7 +289,7 @@ class Surface:
                     done=f["done"].astype(bool),
                     directions=tuple(f[f"direction_{k}"] for k in range(len(meta["directions"]))),
                     meta=meta)
-        except (OSError, ValueError, KeyError, TypeError) as error:
+        except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, EOFError) as error:
             raise AnalysisError(f"{path}: not a readable surface file ({error})") from None
 
 
