@@ -180,6 +180,8 @@ def bench_extremes(run, group: str, exact: np.ndarray) -> tuple[list[list], list
     for tol in PYHESSIAN_TOLS:
         max_iter = 100 if tol == 1e-3 else 100_000
         values, hvps, seconds = _pyhessian_top5(run, group, tol, max_iter)
+        if tol == 1e-3:
+            default_values = values
         err = _error(values, top_exact)
         theirs.append((tol, hvps, seconds, err))
         label = "PyHessian default (tol 1e-3, 100 it)" if tol == 1e-3 else f"PyHessian tol {tol:g}"
@@ -189,25 +191,32 @@ def bench_extremes(run, group: str, exact: np.ndarray) -> tuple[list[list], list
         rows.append([f"ARPACK eigsh LA k=5 + SA k=1, tol {tol:g}", hvps, f"{seconds:.3f}",
                      f"{_error(top, top_exact):.1e}", f"{_error([bottom], [min_exact]):.1e}", ""])
     notes = []
-    for target_tol, t_hvps, t_seconds, t_err in theirs:
-        match = [o for o in ours if o[3] <= t_err]
-        if not match:
+
+    def cheapest_ours_within(error: float):
+        match = [o for o in ours if o[3] <= error]
+        return min(match, key=lambda o: o[1]) if match else None
+
+    default = theirs[0]
+    best = min(theirs, key=lambda t: (t[3], t[1]))  # PyHessian's most accurate, fewest HVPs
+    for what, t in (("at its default tolerance 1e-3", default),
+                    (f"at the tolerance it needs for its best accuracy ({best[0]:g})", best)):
+        o = cheapest_ours_within(t[3])
+        if o is None:
+            notes.append(f"PyHessian {what}: error {t[3]:.1e}, {t[1]} HVPs; no Lanczos "
+                         f"tolerance tried was as accurate")
             continue
-        o = min(match, key=lambda o: o[1])
-        notes.append(f"PyHessian tol {target_tol:g} (error {t_err:.1e}): {t_hvps} HVPs, "
-                     f"{t_seconds:.3f} s; ours at tol {o[0]:g} (error {o[3]:.1e}, lambda_min "
-                     f"included): {o[1]} HVPs, {o[2]:.3f} s; HVP ratio ours/PyHessian "
-                     f"{o[1] / t_hvps:.2f}, time ratio {o[2] / t_seconds:.2f}")
-    default = next(o for o in ours if o[0] == 1e-6)
-    enough = [t for t in theirs if t[3] <= default[3]]
-    if enough:
-        t = enough[0]
-        notes.append(f"ours at the default tol 1e-6 (error {default[3]:.1e}): {default[1]} HVPs; "
-                     f"PyHessian needs tol {t[0]:g} (error {t[3]:.1e}): {t[1]} HVPs; "
-                     f"ratio {default[1] / t[1]:.2f}")
-    else:
-        notes.append(f"ours at the default tol 1e-6 (error {default[3]:.1e}): {default[1]} HVPs; "
-                     f"no PyHessian tolerance down to {PYHESSIAN_TOLS[-1]:g} was as accurate")
+        notes.append(f"PyHessian {what}: error {t[3]:.1e}, {t[1]} HVPs, {t[2]:.3f} s. Ours at "
+                     f"least as accurate (tol {o[0]:g}, error {o[3]:.1e}, lambda_min included): "
+                     f"{o[1]} HVPs, {o[2]:.3f} s. Ratio ours/PyHessian: HVPs {o[1] / t[1]:.2f}, "
+                     f"time {o[2] / t[2]:.2f}")
+    ours_default = next(o for o in ours if o[0] == 1e-6)
+    notes.append(f"ours at the default tol 1e-6: error {ours_default[3]:.1e}, {ours_default[1]} "
+                 f"HVPs; PyHessian's best error over tolerances down to {PYHESSIAN_TOLS[-1]:g}: "
+                 f"{best[3]:.1e}")
+    if np.any(default_values <= 0):
+        notes.append(f"PyHessian's default top-5 {np.round(default_values, 4).tolist()} holds a "
+                     f"negative value: power iteration with deflation finds the largest "
+                     f"magnitudes, so lambda_min = {min_exact:.4g} displaced a positive eigenvalue")
     return rows, notes
 
 

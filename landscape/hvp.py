@@ -25,9 +25,10 @@ in BENCHMARKS.md):
 * ``"forward-over-reverse"``: ``torch.func.jvp`` of ``torch.func.grad``, ``vmap``-ed over the
   columns of a block.
 
-``"double-backward"`` is the default because it was faster on both the digits MLP and the
-BatchNorm CNN for single vectors and for blocks of 10 (see BENCHMARKS.md, "HVP method"); GPUs
-were not measured yet.
+``"double-backward"`` is the default, by measurement (BENCHMARKS.md, "Hessian analysis"): on
+the digits MLP and the BatchNorm CNN it gave the fastest single product (forward-over-reverse was
+4.6-5.5x slower) and the fastest block of 10 on the MLP, a tie on the CNN; keeping the single
+batch's gradient graph (``cache_graph``) saved a further 1.6-1.9x. Not measured on a GPU yet.
 """
 
 from __future__ import annotations
