@@ -110,7 +110,7 @@ def bench_methods(run, group: str, repeats: int) -> list[list]:
 @contextlib.contextmanager
 def _pyhessian_counting():
     """Counts PyHessian's HVPs by wrapping the function its power iteration calls."""
-    import pyhessian  # noqa: F401 (loads the module; its package exports the class of the same name)
+    import pyhessian  # noqa: F401 (its package exports a class named like the module)
 
     ph = sys.modules["pyhessian.hessian"]
     count = [0]

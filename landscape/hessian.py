@@ -1,4 +1,4 @@
-"""Per-group Hessian analysis of a checkpoint, in one call: extremes, saddle ratio, trace, densities.
+"""Per-group Hessian analysis of a checkpoint in one call: extremes, saddle ratio, trace, densities.
 
 >>> run = landscape.load("checkpoints/digits-ssesam")
 >>> s = hessian_summary(run, "tail", top=5, bottom=5, trace=True, seed=0)

@@ -102,7 +102,8 @@ class GroupHessian:
                  progress: Optional[Callable[[int], object]] = None,
                  cache_graph: bool = True):
         if method not in HVP_METHODS:
-            raise ValueError(f"unknown HVP method {method!r} (choose from {', '.join(HVP_METHODS)})")
+            raise ValueError(f"unknown HVP method {method!r} "
+                             f"(choose from {', '.join(HVP_METHODS)})")
         if inputs.shape[0] != targets.shape[0]:
             raise ValueError(f"{inputs.shape[0]} inputs but {targets.shape[0]} targets")
         if inputs.shape[0] == 0:

@@ -322,7 +322,8 @@ def symlog_threshold(densities: Mapping[str, object]) -> float:
 
 
 def _symlog(x: np.ndarray, c: float) -> np.ndarray:
-    """matplotlib's symlog mapping (base 10): linear inside ``[-c, c]``, log outside."""
+    """Symmetric log, base 10: ``[-c, c]`` maps linearly onto ``[-1, 1]`` and every decade
+    beyond onto a further unit (matplotlib's symlog up to the width of the linear part)."""
     x = np.asarray(x, np.float64)
     a = np.abs(x) / c
     return np.where(a <= 1, x / c, np.sign(x) * (1 + np.log10(np.maximum(a, 1))))

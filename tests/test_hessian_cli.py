@@ -169,3 +169,19 @@ def test_command_line_exit_status_in_a_subprocess(mlp_path, tmp_path):
     assert done.stderr.strip().splitlines() == [
         "error: unknown group 'middle' (head, tail, all, or class ids like 0,3,7)"]
     assert done.stdout == "" and not out.exists()
+
+
+def test_density_plot_functions_write_files_and_the_symlog_axis_is_continuous(tmp_path):
+    from landscape import plots
+
+    grid = np.linspace(-2.0, 50.0, 500)
+    densities = {"head": (grid, np.exp(-grid ** 2)), "tail": (grid, np.exp(-(grid - 1) ** 2))}
+    png = plots.plot_densities_png(densities, tmp_path / "d.png", title="t")
+    html = plots.plot_densities_html(densities, tmp_path / "d.html")
+    assert png.read_bytes()[:4] == b"\x89PNG" and "plotly" in html.read_text()
+    c = plots.symlog_threshold(densities)
+    assert c == 0.01  # 1e-3 * 50, down to a power of ten
+    x = np.array([-10 * c, -c, -c / 2, 0.0, c / 2, c, 10 * c, 100 * c])
+    np.testing.assert_allclose(plots._symlog(x, c), [-2, -1, -0.5, 0, 0.5, 1, 2, 3])
+    dense = np.linspace(-100 * c, 100 * c, 100_001)
+    assert np.all(np.diff(plots._symlog(dense, c)) > 0)  # monotonic, no jump at +-c
