@@ -153,6 +153,10 @@ def load(path: Union[str, Path], device: Union[str, torch.device, None] = None,
         device = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
         raise ConfigError(f"device must be cpu, cuda or cuda:N, got {str(device)[:60]!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device must be cpu, cuda or cuda:N, got {str(device)!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device} asked for, but CUDA is not available here")
     spec = config.spec
     model = build_model(config.model, spec.image_shape, spec.num_classes, config.width)
     try:
