@@ -123,8 +123,19 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_worker, args=(2, free_port(), str(folder)), nprocs=2, join=True)
+    # One 2-process session for the whole module, shared by the pytest-xdist workers (their
+    # temporary folders have a common parent): the first to get the lock runs it.
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # gw0, gw1: .../pytest-N/popen-gwK
+        shared = shared.parent
+    folder = shared / "ddp_two_ranks"
+    with FileLock(str(shared / "ddp_two_ranks.lock")):
+        if not (folder / "done").exists():
+            folder.mkdir(exist_ok=True)
+            mp.spawn(_worker, args=(2, free_port(), str(folder)), nprocs=2, join=True)
+            (folder / "done").write_text("")
     return folder, [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
