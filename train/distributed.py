@@ -28,6 +28,12 @@ How the trainer uses it (``train/loop.py``):
   BatchNorm therefore trains slightly differently with 2 ranks than with 1; a model without it
   (``mlp``) trains the same, to float rounding.
 * Only rank 0 writes the run folder (``is_writer``); every rank evaluates the (identical) model.
+  Every rank reads the folder (``--resume``) and the dataset, so on several machines both must
+  be on a shared file system, and CIFAR should be downloaded before the launch.
+
+``SyncBatchNorm`` is not offered: its kernels run on GPUs only (no CPU test of it is possible
+here), and the SAM family's extra forwards at perturbed weights would each add a collective per
+BatchNorm layer. Multi-GPU numbers are not measured yet.
 """
 
 from __future__ import annotations
