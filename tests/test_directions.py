@@ -14,15 +14,11 @@ from landscape.directions import (eigen_directions, flat_parameters, interpolati
                                   random_directions, trajectory_pca)
 from landscape.errors import AnalysisError
 from train import checkpoint as ckpt
-from train.config import Config
-from train.loop import train
+from _runs import train_digits
 
 
 def _train(folder, **changes) -> str:
-    settings = dict(dataset="digits", imb_factor=20.0, lr=0.1, epochs=4, save_every=1,
-                    model="mlp", width=12, opt="sgd", device="cpu")
-    settings.update(changes)
-    return str(train(Config(**settings), folder, progress=False, log=lambda _: None))
+    return train_digits(folder, **changes)
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +171,7 @@ def test_eigen_directions_are_unit_eigenvectors_of_the_dense_group_hessian(mlp_r
     """Checked against the dense float64 Hessian of the tail's mean loss (tests/_reference.py,
     torch.func, no landscape code) and its LAPACK eigenvalues. (A finite-difference check along
     v is not used: ReLU kinks crossed by the step add O(1) terms to a second difference.)"""
-    from tests._reference import dense_hessian
+    from _reference import dense_hessian
 
     run = landscape.load(mlp_run, device="cpu")
     top, bottom = eigen_directions(run, "tail", seed=0)

@@ -17,17 +17,13 @@ from landscape.errors import AnalysisError
 from landscape.report import (ReportSettings, build_report, group_indicators, select_checkpoints,
                               write_report)
 from train import checkpoint as ckpt
-from train.config import Config
-from train.loop import train
+from _runs import train_digits
 
 FAST = ReportSettings(steps=40, probes=2, tol=1e-6)
 
 
 def _train(folder, **changes) -> str:
-    settings = dict(dataset="digits", imb_factor=20.0, lr=0.1, epochs=4, save_every=2,
-                    model="mlp", width=8, opt="sgd", device="cpu")
-    settings.update(changes)
-    return str(train(Config(**settings), folder, progress=False, log=lambda _: None))
+    return train_digits(folder, **{"save_every": 2, "width": 8, **changes})
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +35,7 @@ def runs(tmp_path_factory):
 def test_indicators_match_the_dense_hessian(runs, tmp_path):
     """lambda_max, lambda_min and the ratio against LAPACK on the dense float64 Hessian of the
     group's mean loss (tests/_reference.py: torch.func, no landscape code)."""
-    from tests._reference import dense_hessian
+    from _reference import dense_hessian
 
     run = landscape.load(runs["ssesam"], device="cpu")
     for group in ("head", "tail"):

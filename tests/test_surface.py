@@ -15,15 +15,11 @@ from landscape.cli import main as landscape_main
 from landscape.directions import random_directions
 from landscape.errors import AnalysisError
 from landscape.surface import Surface, compute_surface, grid_axis
-from train.config import Config
-from train.loop import train
+from _runs import train_digits
 
 
 def _train(folder, **changes) -> str:
-    settings = dict(dataset="digits", imb_factor=20.0, lr=0.1, epochs=3, save_every=1,
-                    model="mlp", width=12, opt="sgd", device="cpu")
-    settings.update(changes)
-    return str(train(Config(**settings), folder, progress=False, log=lambda _: None))
+    return train_digits(folder, **{"epochs": 3, **changes})
 
 
 @pytest.fixture(scope="module")
