@@ -246,8 +246,9 @@ def main(argv=None) -> None:
     print(f"# training throughput, {machine(args.device)}, torch {torch.__version__}, "
           f"{datetime.date.today()}")
     print(f"# {len(data.train_y)} CIFAR-shaped images; {args.warmup} warm-up steps, then "
-          f"{args.rounds} alternating rounds (--quick: 1 for resnet34) of {args.steps} timed "
-          f"steps, median per step; "
+          f"{args.rounds} alternating rounds"
+          f"{' (1 for resnet34)' if args.quick and not args.rounds_given else ''} of "
+          f"{args.steps} timed step(s), median per step; "
           f"ours: {', '.join(k for k, v in flags.items() if v) or 'float32'}; seed-style "
           f"DataLoader workers: {args.workers}; SSE-SAM in stage I (ours 3F+4B, seed 4F+4B)")
     print("| model | optimizer | batch | seed-style img/s | ours img/s | ours / seed |"
