@@ -21,6 +21,7 @@ resuming exact without saving generator states.
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 import shutil
@@ -40,7 +41,7 @@ __all__ = [
     "split_groups",
     "accuracy_splits",
     "load_dataset",
-    "augment",
+    "augment", "draw_augmentation", "apply_augmentation",
     "normalize",
     "train_batches",
     "epoch_generator",
@@ -145,30 +146,46 @@ class LongTailData:
                             self.test_x.to(device), self.test_y.to(device), list(self.counts))
 
 
+@functools.lru_cache(maxsize=None)
+def _channel_stats(spec: DatasetSpec, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # Built once per (dataset, device): a fresh host-to-device copy per batch would wait for
+    # the device.
+    mean = torch.tensor(spec.mean, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std, device=device).view(1, -1, 1, 1)
+    return mean, std
+
+
 def normalize(images: torch.Tensor, spec: DatasetSpec) -> torch.Tensor:
     """``uint8`` images to float32 model inputs: scale to [0, 1], subtract mean, divide by std."""
-    mean = torch.tensor(spec.mean, device=images.device).view(1, -1, 1, 1)
-    std = torch.tensor(spec.std, device=images.device).view(1, -1, 1, 1)
+    mean, std = _channel_stats(spec, images.device)
     return (images.float() / spec.pixel_scale - mean) / std
 
 
-def augment(images: torch.Tensor, pad: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
-    """Random crop (zero padding ``pad``) then random horizontal flip, per image, in one gather.
+def draw_augmentation(count: int, pad: int, flip: bool, generator: torch.Generator
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image crop offsets ``(count, 2)`` in ``0..2 pad`` and flips ``(count,)``, on the CPU.
 
-    The random numbers are drawn on the CPU from ``generator`` so that a run's augmentation is
-    the same on every device; only ``2 * B + B`` small integers cross to the device.
+    Drawn on the CPU so that a run's augmentation is the same on every device.
+    """
+    offsets = torch.randint(0, 2 * pad + 1, (count, 2), generator=generator)
+    flips = (torch.rand(count, generator=generator) < 0.5 if flip
+             else torch.zeros(count, dtype=torch.bool))
+    return offsets, flips
+
+
+def apply_augmentation(images: torch.Tensor, pad: int, offsets: torch.Tensor,
+                       flips: torch.Tensor) -> torch.Tensor:
+    """Crops (zero padding ``pad``, top-left corners ``offsets``) then flips, in one gather.
 
     Args:
         images: ``(B, C, H, W)`` batch, any dtype, on any device.
         pad: crop padding in pixels; 0 disables cropping.
-        flip: flip each image left-right with probability 1/2.
-        generator: CPU generator the offsets and flips are drawn from.
+        offsets: ``(B, 2)`` row and column of each crop in the padded image, on ``images``'
+            device.
+        flips: ``(B,)`` booleans: mirror the crop left-right.
     """
     b, _, h, w = images.shape
-    offsets = torch.randint(0, 2 * pad + 1, (b, 2), generator=generator)
-    flips = torch.rand(b, generator=generator) < 0.5 if flip else torch.zeros(b, dtype=torch.bool)
     device = images.device
-    offsets, flips = offsets.to(device, non_blocking=True), flips.to(device, non_blocking=True)
     padded = F.pad(images, (pad, pad, pad, pad)) if pad else images
     rows = offsets[:, :1] + torch.arange(h, device=device)  # (B, H) rows of the padded image
     cols = offsets[:, 1:] + torch.arange(w, device=device)  # (B, W)
@@ -176,6 +193,25 @@ def augment(images: torch.Tensor, pad: int, flip: bool, generator: torch.Generat
     batch = torch.arange(b, device=device)[:, None, None]
     out = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
     return out.permute(0, 3, 1, 2).contiguous()
+
+
+def augment(images: torch.Tensor, pad: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
+    """Random crop (zero padding ``pad``) then random horizontal flip, per image, in one gather.
+
+    Args:
+        images: ``(B, C, H, W)`` batch, any dtype, on any device.
+        pad: crop padding in pixels; 0 disables cropping.
+        flip: flip each image left-right with probability 1/2.
+        generator: CPU generator the offsets and flips are drawn from.
+    """
+    offsets, flips = draw_augmentation(images.shape[0], pad, flip, generator)
+    return apply_augmentation(images, pad, offsets.to(images.device), flips.to(images.device))
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -188,21 +224,27 @@ def train_batches(data: LongTailData, batch_size: int, generator: torch.Generato
                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One epoch of shuffled, augmented, normalised training batches (the last may be short).
 
-    The whole epoch's permutation is drawn up front on the CPU and moved once, so a step needs
-    no host synchronisation.
+    The whole epoch's permutation and augmentation are drawn up front on the CPU and moved
+    once, so a step needs no host synchronisation.
 
     With ``shard=(rank, world)`` (data parallelism) every global batch of ``batch_size`` is
     drawn and augmented whole, with the same random numbers as one process, and only its
     ``rank``-th of ``world`` near-equal contiguous parts (``torch.tensor_split``) is normalised
     and yielded; a part may be empty when the last batch is shorter than ``world``.
     """
-    n = data.train_y.shape[0]
-    order = torch.randperm(n, generator=generator).to(data.train_y.device, non_blocking=True)
+    n, spec, device = data.train_y.shape[0], data.spec, data.train_y.device
+    augmenting = augmentation and bool(spec.pad or spec.flip)
+    order = torch.randperm(n, generator=generator)
+    offsets, flips = draw_augmentation(n if augmenting else 0, spec.pad, spec.flip, generator)
+    # One copy of the epoch's random numbers to the device; from pinned memory it does not
+    # block the host, so no step waits for the device.
+    order, offsets, flips = (_to_device(t, device) for t in (order, offsets, flips))
     for start in range(0, n, batch_size):
         index = order[start:start + batch_size]
         images = data.train_x[index]
-        if augmentation and (data.spec.pad or data.spec.flip):
-            images = augment(images, data.spec.pad, data.spec.flip, generator)
+        if augmenting:
+            images = apply_augmentation(images, spec.pad, offsets[start:start + batch_size],
+                                        flips[start:start + batch_size])
         targets = data.train_y[index]
         if shard is not None:
             images = images.tensor_split(shard[1])[shard[0]]
