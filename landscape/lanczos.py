@@ -16,8 +16,15 @@ iteration only finds the eigenvalue of largest magnitude).
 
 Choices, and why:
 
-* Full re-orthogonalisation (classical Gram-Schmidt applied twice, "CGS2", against the whole
-  basis): without it, rounding makes converged Ritz values reappear as spurious copies.
+* Full re-orthogonalisation: without it, rounding makes converged Ritz values reappear as
+  spurious copies. Each step first applies the three-term recurrence
+  ``w = H q_j - alpha_j q_j - beta_{j-1} q_{j-1}``, then one classical Gram-Schmidt pass against
+  the whole basis, ``w <- w - Q_j (Q_j^T w)``, and a second pass only when the first cancelled
+  more than a factor ``1/sqrt(2)`` of ``||w||`` (the "twice is enough" test of Daniel, Gragg,
+  Kaufman & Stewart). After the recurrence, ``Q_j^T w`` holds rounding errors only, so one pass
+  gives the orthogonality of two passes from ``H q_j`` (CGS2) at half the cost, which for
+  several runs (``p`` bases of ``j`` vectors, read once per pass) is the bulk of the work
+  besides the products.
 * The basis and the recurrence (``alpha``, ``beta``, ``T``) are float64 whatever the operator's
   dtype, and ``T`` is diagonalised by ``scipy.linalg.eigh_tridiagonal`` (LAPACK ``stemr``).
 * Hand-written rather than ``scipy.sparse.linalg.eigsh`` (ARPACK): ARPACK's implicit restarts
@@ -102,6 +109,16 @@ def _gaussian(n: int, count: int, generator: torch.Generator) -> torch.Tensor:
     return torch.randn(count, n, generator=generator, dtype=torch.float64)
 
 
+def _project_out(w: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+    """``w_i - Q_i^T (Q_i w_i)`` for each run ``i``: ``w`` (a, n), bases ``Q`` (a, k, n).
+
+    One batched product for the coefficients ``c_i = Q_i w_i`` (a row vector times ``Q_i^T``,
+    which reads ``Q`` row by row, the faster layout here) and one fused multiply-subtract.
+    """
+    coefficients = torch.bmm(w.unsqueeze(1), Q.transpose(1, 2))  # (a, 1, k)
+    return torch.baddbmm(w.unsqueeze(1), coefficients, Q, alpha=-1).squeeze(1)
+
+
 def lanczos(matmat: Matmat, start: torch.Tensor, steps: int, *, keep_basis: bool = False,
             restart: bool = True, seed: int = 0,
             stop: Optional[Callable[[np.ndarray, np.ndarray, int], bool]] = None,
@@ -140,40 +157,52 @@ def lanczos(matmat: Matmat, start: torch.Tensor, steps: int, *, keep_basis: bool
     generator = torch.Generator().manual_seed(int(seed))
     breakdown = 100 * torch.finfo(operator_dtype).eps
 
-    basis = torch.zeros(p, steps, n, dtype=torch.float64, device=device)
+    # Every row a run reads has been written first, so only a returned basis needs zeros (the
+    # rows past a stopped run's length).
+    allocate = torch.zeros if keep_basis else torch.empty
+    basis = allocate(p, steps, n, dtype=torch.float64, device=device)
     alphas = np.full((p, steps), np.nan)
     betas = np.zeros((p, steps))
     lengths = np.zeros(p, dtype=np.int64)
     norms = np.zeros(p)  # running estimate of ||T|| per run, for the breakdown test
     q = start.to(device, torch.float64)
-    q = q / q.norm(dim=1, keepdim=True)
-    active = np.ones(p, dtype=bool)
+    q = q / torch.linalg.vector_norm(q, dim=1, keepdim=True)
+    rows = np.arange(p)  # the runs still going (all, unless restart is False)
+    index = slice(None)  # rows as an index of the bases: a slice (a view) while all run
+    beta_prev = torch.zeros(p, 1, dtype=torch.float64, device=device)  # beta_{j-1} per run
     hvps = 0
     for j in range(steps):
-        rows = np.flatnonzero(active)
-        if rows.size == 0:
-            break
-        # A slice while every run is active: indexing with a list would copy the whole basis
-        # at every step.
-        index = slice(None) if rows.size == p else torch.as_tensor(rows, device=device)
-        basis[index, j] = q[index]
-        w = matmat(q[index].T.contiguous()).T.to(device, torch.float64)  # (a, n)
+        basis[index, j] = q
+        w = matmat(q.T.contiguous()).T.to(device, torch.float64)  # (a, n)
         hvps += rows.size
-        alpha = (w * q[index]).sum(dim=1)
-        # Full re-orthogonalisation against q_1..q_j (this includes the three-term recurrence
-        # terms alpha_j q_j and beta_{j-1} q_{j-1}); twice, as one pass can lose orthogonality.
+        alpha = torch.linalg.vecdot(q, w).unsqueeze(1)  # (a, 1): q_j^T H q_j
+        # The three-term recurrence w = H q_j - alpha_j q_j - beta_{j-1} q_{j-1} removes the
+        # large components first (q_{j-1} is zero at j = 0 and beta_{j-1} is zero after a
+        # restart), so that full re-orthogonalisation against q_1..q_j only has rounding errors
+        # left to remove: one classical Gram-Schmidt pass, w <- w - Q (Q^T w), for all runs at
+        # once (two batched matrix products over the (a, j+1, n) bases).
+        w = torch.addcmul(w, alpha, q, value=-1)
+        if j:
+            w = torch.addcmul(w, beta_prev, basis[index, j - 1], value=-1)
         Q = basis[index, :j + 1]  # (a, j+1, n)
-        for _ in range(2):
-            w = w - torch.bmm(torch.bmm(w.unsqueeze(1), Q.transpose(1, 2)), Q).squeeze(1)
-        beta = w.norm(dim=1)
-        alpha_np = alpha.cpu().numpy()
-        beta_np = beta.cpu().numpy()
-        for slot, row in enumerate(rows):
-            alphas[row, j] = alpha_np[slot]
-            betas[row, j] = beta_np[slot]
-            lengths[row] = j + 1
-            norms[row] = max(norms[row], abs(alpha_np[slot]) + beta_np[slot],
-                             (betas[row, j - 1] if j else 0.0) + abs(alpha_np[slot]))
+        before = torch.linalg.vector_norm(w, dim=1)
+        w = _project_out(w, Q)
+        beta = torch.linalg.vector_norm(w, dim=1)
+        # One host transfer per step (alpha, the norms before and after the pass).
+        alpha_np, before_np, beta_np = torch.stack(
+            [alpha.squeeze(1), before, beta]).cpu().numpy()
+        # "Twice is enough" (Daniel, Gragg, Kaufman & Stewart 1976): if the pass cancelled much
+        # of w (||w|| fell below ||w_before|| / sqrt(2)), what is left may hold relative errors
+        # of order eps ||w_before|| / ||w||: project once more, as CGS2 always would.
+        if (beta_np < before_np * np.sqrt(0.5)).any():
+            w = _project_out(w, Q)
+            beta = torch.linalg.vector_norm(w, dim=1)
+            beta_np = beta.cpu().numpy()
+        alphas[rows, j] = alpha_np
+        betas[rows, j] = beta_np
+        lengths[rows] = j + 1
+        size = np.abs(alpha_np) + (np.maximum(beta_np, betas[rows, j - 1]) if j else beta_np)
+        norms[rows] = np.maximum(norms[rows], size)
         broke = beta_np <= breakdown * np.maximum(norms[rows], 1e-300)
         # At a breakdown every Ritz residual is ~0, yet the invariant subspace found need not
         # hold the wanted eigenvalues (nor every copy of a repeated one): never stop there when
@@ -183,21 +212,33 @@ def lanczos(matmat: Matmat, start: torch.Tensor, steps: int, *, keep_basis: bool
             break
         if j + 1 == steps:
             break
-        new_q = torch.zeros_like(w)
-        for slot, row in enumerate(rows):
-            if not broke[slot]:
-                new_q[slot] = w[slot] / beta[slot]
-            elif restart:
-                betas[row, j] = 0.0
+        beta_prev = beta.unsqueeze(1)
+        if not broke.any():
+            q = w / beta_prev
+            continue
+        # A breakdown (rare): beta = 1 only to avoid dividing by zero; the run restarts or stops.
+        beta_prev = torch.where(torch.as_tensor(broke, device=device).unsqueeze(1),
+                                torch.zeros_like(beta_prev), beta_prev)
+        new_q = w / torch.where(beta_prev == 0, torch.ones_like(beta_prev), beta_prev)
+        for slot in np.flatnonzero(broke):
+            row = rows[slot]
+            betas[row, j] = 0.0
+            if restart:
                 fresh = _gaussian(n, 1, generator)[0].to(device)
                 basis_row = basis[row, :j + 1]
                 for _ in range(2):
                     fresh = fresh - basis_row.T @ (basis_row @ fresh)
                 new_q[slot] = fresh / fresh.norm()
-            else:
-                betas[row, j] = 0.0
-                active[row] = False
-        q = new_q if rows.size == p else q.index_copy(0, index, new_q)
+        if not restart:
+            keep = torch.as_tensor(np.flatnonzero(~broke), device=device)
+            rows = rows[~broke]
+            if rows.size == 0:
+                break
+            # Only the stopped runs' rows go; the others keep their q and beta_{j-1}. Indexing
+            # copies the bases at each step from here on, so the slice is kept while it can be.
+            index = torch.as_tensor(rows, device=device)
+            new_q, beta_prev = new_q[keep], beta_prev[keep]
+        q = new_q
     m = int(lengths.max())
     return LanczosResult(alphas[:, :m], betas[:, :m], lengths,
                          basis[:, :m] if keep_basis else None, hvps)
