@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import re
 import sys
 from typing import Optional, Sequence
+
+from train._cli import OneLineParser, UsageError, one_line
 
 __all__ = ["main", "UsageError", "SUBCOMMANDS"]
 
@@ -33,35 +34,17 @@ SUBCOMMANDS = {
 EXIT_USAGE = 2
 
 
-class UsageError(Exception):
-    """Bad input: one line on stderr, exit status 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        # Python's argparse reads "-1e-05" and "-inf" as options, not as negative values.
-        self._negative_number_matcher = re.compile(
-            r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|nan|infinity)$", re.IGNORECASE)
-
-    def error(self, message: str):
-        raise UsageError(f"{self.prog}: {message}")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m landscape", description=__doc__.split("\n\n")[0])
-    subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    seen = set()
-    for module_name in dict.fromkeys(SUBCOMMANDS.values()):
+    parser = OneLineParser(prog="python -m landscape", description=__doc__.split("\n\n")[0])
+    subparsers = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    for module_name in dict.fromkeys(SUBCOMMANDS.values()):  # each module once, in order
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as error:
             if error.name == module_name:
                 continue
             raise
-        if module_name not in seen:
-            module.add_parser(subparsers)
-            seen.add(module_name)
+        module.add_parser(subparsers)
     return parser
 
 
@@ -95,6 +78,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _distributed_setup(args)
         return int(args.run(args) or 0)
     except (UsageError, *USER_ERRORS) as error:
-        message = str(error).replace("\r", "\\r").replace("\n", "\\n")  # one line, always
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {one_line(str(error))}", file=sys.stderr)
         return EXIT_USAGE

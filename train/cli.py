@@ -18,32 +18,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from train._cli import OneLineParser, UsageError, one_line
 from train.config import Config, ConfigError
 
 __all__ = ["main", "build_parser", "UsageError"]
 
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3
-
-
-class UsageError(Exception):
-    """Bad command-line input: reported as one line, exit status 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        # Python's argparse reads "-1e-05" and "-inf" as options, not as negative values.
-        self._negative_number_matcher = re.compile(
-            r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|nan|infinity)$", re.IGNORECASE)
-
-    def error(self, message: str):  # argparse prints usage + message; we want one line
-        raise UsageError(f"{self.prog}: {message}")
 
 
 def _bool(text: str) -> bool:
@@ -56,7 +41,7 @@ def _bool(text: str) -> bool:
 
 def build_parser() -> argparse.ArgumentParser:
     d = Config()  # defaults, for the help text
-    p = _Parser(prog="python -m train", description=__doc__.split("\n\n")[0],
+    p = OneLineParser(prog="python -m train", description=__doc__.split("\n\n")[0],
                 argument_default=argparse.SUPPRESS,
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     data = p.add_argument_group("data")
@@ -144,7 +129,7 @@ def parse(argv: Optional[Sequence[str]] = None) -> tuple[Config, Path, bool, boo
 def _say(message: str, every_rank: bool = False) -> None:
     """One line on stderr; under torchrun only rank 0 speaks (all ranks see the same input)."""
     rank = os.environ.get("RANK", "0")
-    message = message.replace("\r", "\\r").replace("\n", "\\n")  # a path may hold a newline
+    message = one_line(message)
     if every_rank or rank == "0":
         print(message if rank == "0" else f"[rank {rank}] {message}", file=sys.stderr)
 
