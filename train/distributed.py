@@ -48,7 +48,7 @@ import torch.nn as nn
 
 __all__ = ["setup", "cleanup", "launched", "is_distributed", "world", "rank", "local_rank",
            "is_main", "barrier", "all_reduce_sum", "all_reduce_mean", "broadcast_module",
-           "average_buffers", "shard_bounds", "shard_sample_weights",
+           "average_buffers", "shard_bounds",
            "DistributedError"]
 
 _ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -138,14 +138,15 @@ def barrier() -> None:
         dist.barrier()
 
 
-def _coalesced(tensors: Sequence[torch.Tensor], op) -> None:
-    """All-reduces ``tensors`` in place with one collective per dtype (flatten, reduce, copy)."""
+def _coalesced(tensors: Sequence[torch.Tensor], collective) -> None:
+    """Runs ``collective(flat)`` in place once per dtype on the flattened ``tensors`` and copies
+    the result back: one collective per dtype instead of one per tensor."""
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for t in tensors:
         by_dtype.setdefault(t.dtype, []).append(t)
     for group in by_dtype.values():
         flat = torch.cat([t.reshape(-1) for t in group])
-        dist.all_reduce(flat, op=op)
+        collective(flat)
         torch._foreach_copy_(group, [part.view_as(t) for part, t in
                                      zip(flat.split([t.numel() for t in group]), group)])
 
@@ -153,13 +154,13 @@ def _coalesced(tensors: Sequence[torch.Tensor], op) -> None:
 def all_reduce_sum(tensors: Sequence[torch.Tensor]) -> None:
     """Sums each tensor over the ranks, in place (nothing happens with one process)."""
     if world() > 1 and len(tensors):
-        _coalesced(tensors, dist.ReduceOp.SUM)
+        _coalesced(tensors, lambda flat: dist.all_reduce(flat, op=dist.ReduceOp.SUM))
 
 
 def all_reduce_mean(tensors: Sequence[torch.Tensor]) -> None:
     """Averages each (floating-point) tensor over the ranks, in place."""
     if world() > 1 and len(tensors):
-        _coalesced(tensors, dist.ReduceOp.SUM)
+        _coalesced(tensors, lambda flat: dist.all_reduce(flat, op=dist.ReduceOp.SUM))
         torch._foreach_div_(list(tensors), float(world()))
 
 
@@ -169,14 +170,7 @@ def broadcast_module(module: nn.Module, src: int = 0) -> None:
         return
     with torch.no_grad():
         tensors = [p.data for p in module.parameters()] + list(module.buffers())
-        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-        for t in tensors:
-            by_dtype.setdefault(t.dtype, []).append(t)
-        for group in by_dtype.values():
-            flat = torch.cat([t.reshape(-1) for t in group])
-            dist.broadcast(flat, src=src)
-            torch._foreach_copy_(group, [part.view_as(t) for part, t in
-                                         zip(flat.split([t.numel() for t in group]), group)])
+        _coalesced(tensors, lambda flat: dist.broadcast(flat, src=src))
 
 
 def average_buffers(module: nn.Module) -> None:
@@ -196,30 +190,3 @@ def shard_bounds(size: int, parts: int, index: int) -> tuple[int, int]:
     base, extra = divmod(size, parts)
     start = index * base + min(index, extra)
     return start, start + base + (1 if index < extra else 0)
-
-
-
-def shard_sample_weights(targets: torch.Tensor, group_of_class: torch.Tensor, num_groups: int,
-                         reduction: str, group_scale: Optional[torch.Tensor],
-                         global_size: int) -> torch.Tensor:
-    r"""``(num_groups, B_local)`` sample weights of this rank's part of a global batch.
-
-    The same as :func:`train.optim.group_sample_weights` on the whole global batch, restricted
-    to this rank's columns: ``"batch"`` divides by the global batch size ``global_size``;
-    ``"group"`` by the group's size in the global batch (one all-reduce of ``num_groups``
-    numbers, no host synchronisation). Gradients of :math:`\sum_i W_{G,i} l_i` then add up over
-    the ranks (:func:`all_reduce_sum`) to the one-process gradient, whatever the shard sizes.
-    """
-    groups = torch.arange(num_groups, device=targets.device)
-    member = (group_of_class[targets][None, :] == groups[:, None]).to(torch.float32)
-    if reduction == "batch":
-        weights = member / global_size
-    elif reduction == "group":
-        counts = member.sum(1, keepdim=True)
-        all_reduce_sum([counts])
-        weights = member / counts.clamp_min(1)
-    else:
-        raise ValueError(f"reduction must be 'batch' or 'group', got {reduction!r}")
-    if group_scale is not None:
-        weights = weights * group_scale.to(weights)[:, None]
-    return weights

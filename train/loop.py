@@ -170,13 +170,10 @@ class Trainer:
         config, p = self.config, self.config.preset()
         if config.channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
-        if distributed.world() > 1:
-            weights = distributed.shard_sample_weights(
-                targets, self.group_of_class, len(p.groups), config.group_reduction,
-                self.group_scale, global_size)
-        else:
-            weights = group_sample_weights(targets, self.group_of_class, len(p.groups),
-                                           config.group_reduction, self.group_scale)
+        weights = group_sample_weights(targets, self.group_of_class, len(p.groups),
+                                       config.group_reduction, self.group_scale,
+                                       batch_size=global_size,
+                                       sum_over_ranks=distributed.all_reduce_sum)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=config.bf16):
             return self.step.step(inputs, targets, self.loss_fn, rhos, weights)
 

@@ -226,24 +226,39 @@ class GroupSAM:
 
 def group_sample_weights(targets: torch.Tensor, group_of_class: torch.Tensor, num_groups: int,
                          reduction: str = "batch",
-                         group_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The ``(num_groups, B)`` weights of :meth:`GroupSAM.step`.
+                         group_scale: Optional[torch.Tensor] = None, *,
+                         batch_size: Optional[int] = None,
+                         sum_over_ranks: Optional[Callable[[list[torch.Tensor]], None]] = None
+                         ) -> torch.Tensor:
+    r"""The ``(num_groups, B)`` weights of :meth:`GroupSAM.step`.
+
+    Under data parallelism ``targets`` is this rank's part of a global batch; with the global
+    ``batch_size`` and ``sum_over_ranks`` (an in-place all-reduce sum) the weights are those of
+    the whole global batch restricted to this rank's columns, so the gradients of
+    :math:`\sum_i W_{G,i} l_i` add up over the ranks to the one-process gradient, whatever the
+    shard sizes.
 
     Args:
         targets: ``(B,)`` labels.
         group_of_class: ``(C,)`` group index of each class.
-        reduction: ``"batch"`` divides every group's sum by ``B`` (the family's definition:
-            groups add up to the batch mean); ``"group"`` by the group's own size in the batch
-            (group means, as the SSE-SAM authors' ImbSAM baseline).
+        reduction: ``"batch"`` divides every group's sum by the batch size (the family's
+            definition: groups add up to the batch mean); ``"group"`` by the group's own size in
+            the batch (group means, as the SSE-SAM authors' ImbSAM baseline).
         group_scale: optional ``(num_groups,)`` factor per group, e.g. ``[1, 2]`` for the ImbSAM
             authors' doubled tail loss.
+        batch_size: size of the whole batch (default ``B``; the global batch under torchrun).
+        sum_over_ranks: sums the group sizes over the ranks in place (``"group"`` reduction;
+            one all-reduce of ``num_groups`` numbers, no host synchronisation).
     """
     member = (group_of_class[targets][None, :] ==
               torch.arange(num_groups, device=targets.device)[:, None]).to(torch.float32)
     if reduction == "batch":
-        weights = member / targets.shape[0]
+        weights = member / (targets.shape[0] if batch_size is None else batch_size)
     elif reduction == "group":
-        weights = member / member.sum(1, keepdim=True).clamp_min(1)
+        counts = member.sum(1, keepdim=True)
+        if sum_over_ranks is not None:
+            sum_over_ranks([counts])
+        weights = member / counts.clamp_min(1)
     else:
         raise OptimError(f"reduction must be 'batch' or 'group', got {reduction!r}")
     if group_scale is not None:
