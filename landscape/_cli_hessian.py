@@ -20,8 +20,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import torch
-
 from landscape.errors import AnalysisError
 
 __all__ = ["add_parser", "run_hessian", "run_spectrum"]
@@ -73,20 +71,6 @@ def add_parser(subparsers) -> None:
     s.set_defaults(run=run_spectrum)
 
 
-def _device(name):
-    if name is None:
-        return None
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise AnalysisError(f"--device {name!r} is not a device (cpu, cuda, cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise AnalysisError(f"--device {name}: CUDA is not available here")
-    if device.type not in ("cpu", "cuda"):
-        raise AnalysisError(f"--device {name!r}: only cpu and cuda are supported")
-    return device
-
-
 def _check_positive(args, *names) -> None:
     for name in names:
         value = getattr(args, name, None)
@@ -119,7 +103,7 @@ def run_hessian(args) -> int:
         out = Path(args.json)
         if out.is_dir() or not out.parent.is_dir():
             raise AnalysisError(f"--json {out}: not a file in an existing folder")
-    run = load(args.checkpoint, device=_device(args.device))
+    run = load(args.checkpoint, device=args.device)
     # Bad groups and sizes fail here, before a progress bar is drawn: one line on stderr.
     run.group_data(args.group, args.split)
     n_params = count_parameters(run.model)
@@ -174,7 +158,7 @@ def run_spectrum(args) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise AnalysisError(f"--out {out}: exists and is not a folder")
-    run = load(args.checkpoint, device=_device(args.device))
+    run = load(args.checkpoint, device=args.device)
     for group in groups:  # fail on a bad group before a progress bar is drawn
         run.group_data(group, args.split)
     bar = _progress_bar(args, len(groups) * args.probes * args.steps, "spectrum")

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -21,6 +20,7 @@ from train import checkpoint as ckpt
 from train.config import Config, ConfigError
 from train.data import LongTailData, load_dataset, normalize
 from train.losses import build_loss
+from train.loop import resolve_device
 from train.models import build_model
 
 __all__ = ["Run", "load", "GroupError", "Group"]
@@ -147,16 +147,7 @@ def load(path: Union[str, Path], device: Union[str, torch.device, None] = None,
         diff = sorted(k for k, v in config.identity().items() if saved.identity().get(k) != v)
         raise ckpt.CheckpointError(f"{path}: its config differs from {run_dir / 'config.json'} "
                                    f"in {', '.join(diff)} (checkpoint of another run?)")
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise ConfigError(f"device must be cpu, cuda or cuda:N, got {str(device)[:60]!r}") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"device must be cpu, cuda or cuda:N, got {str(device)!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device} asked for, but CUDA is not available here")
+    device = resolve_device(device)
     spec = config.spec
     model = build_model(config.model, spec.image_shape, spec.num_classes, config.width)
     try:

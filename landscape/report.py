@@ -501,7 +501,7 @@ def _report_markdown(report: SaddleReport, table: str, densities) -> str:
         "Interactive: [indicators.html](indicators.html)",
     ]
     if densities:
-        lines += ["", f"![head vs tail spectral densities](densities.png)", "",
+        lines += ["", "![head vs tail spectral densities](densities.png)", "",
                   f"SLQ: {s.probes} probes x {s.steps} Lanczos steps. Interactive: "
                   "[densities.html](densities.html)"]
     unconverged = [f"{r.label} epoch {i.epoch} {i.group}" for r in report.runs

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
