@@ -153,8 +153,8 @@ def load(path: Union[str, Path], device: Union[str, torch.device, None] = None,
     try:
         model.load_state_dict(state["model"])
     except Exception as error:  # wrong keys or shapes, or values that are not tensors
-        text = " ".join(str(error).split()) or type(error).__name__
+        text = ckpt.summarize(error, 200) or type(error).__name__
         raise ckpt.CheckpointError(f"{path}: weights do not fit the config's model "
-                                   f"{config.model} ({text[:200]})") from None
+                                   f"{config.model} ({text})") from None
     model.to(device).eval()
     return Run(path, run_dir, int(state["epoch"]), config, model, device, data_dir)

@@ -40,7 +40,7 @@ from typing import Any, Iterator
 import torch
 
 __all__ = [
-    "CheckpointError", "atomic_write_bytes", "atomic_write_json", "atomic_write_text",
+    "CheckpointError", "summarize", "atomic_write_bytes", "atomic_write_json", "atomic_write_text",
     "atomic_writer", "append_line", "save_checkpoint", "write_lines", "load_checkpoint",
     "list_checkpoints", "checkpoint_path", "read_config", "read_metrics", "clean_stale_temps",
     "FORMAT", "MANIFEST",
@@ -58,8 +58,9 @@ class CheckpointError(ValueError):
     """A run folder or checkpoint that cannot be read or trusted; the message names the file."""
 
 
-def _one_line(text: str, limit: int = 300) -> str:
-    """``text`` without control characters (ANSI colours, newlines), at most ``limit`` long."""
+def summarize(text: object, limit: int = 300) -> str:
+    """``text`` (an error, say) on one line: no control characters (ANSI colours, newlines),
+    whitespace collapsed, at most ``limit`` characters."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(text))
     text = " ".join(re.sub(r"[\x00-\x1f\x7f]", " ", text).split())
     return text if len(text) <= limit else text[:limit - 3] + "..."
@@ -200,7 +201,7 @@ def read_config(run_dir: str | os.PathLike) -> dict:
     except RecursionError:
         raise CheckpointError(f"{path}: unreadable (nested too deeply)") from None
     except _JSON_ERRORS as error:
-        raise CheckpointError(f"{path}: unreadable ({_one_line(error, 200)})") from None
+        raise CheckpointError(f"{path}: unreadable ({summarize(error, 200)})") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: not a JSON object")
     return config
@@ -223,7 +224,7 @@ def _read_manifest(run_dir: Path) -> dict:
     except RecursionError:
         raise CheckpointError(f"{path}: unreadable manifest (nested too deeply)") from None
     except _JSON_ERRORS as error:
-        raise CheckpointError(f"{path}: unreadable manifest ({_one_line(error, 200)})") from None
+        raise CheckpointError(f"{path}: unreadable manifest ({summarize(error, 200)})") from None
     if not isinstance(manifest, dict):
         raise CheckpointError(f"{path}: manifest is not a JSON object")
     return manifest
@@ -239,11 +240,11 @@ def _load_bytes(data: bytes) -> Any:
         text = str(error)
         refused = re.search(r"WeightsUnpickler error: (.*?)(?: Please use|\n|$)", text)
         if refused:
-            raise _Refused(f"refused to unpickle it ({_one_line(refused.group(1), 160)}); "
+            raise _Refused(f"refused to unpickle it ({summarize(refused.group(1), 160)}); "
                            "only tensors and plain data are ever loaded, nothing was run") from None
         first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
         first = first.split(". This is an internal miniz error")[0]  # the rest is advice
-        raise _Refused(f"not a loadable checkpoint ({_one_line(first, 200)})") from None
+        raise _Refused(f"not a loadable checkpoint ({summarize(first, 200)})") from None
 
 
 class _Refused(Exception):
@@ -339,7 +340,7 @@ def load_checkpoint(path: str | os.PathLike, verify: bool = True) -> dict:
         data = path.read_bytes()
     except (OSError, ValueError) as error:
         strerror = getattr(error, "strerror", None)
-        raise CheckpointError(f"{path}: cannot read ({_one_line(strerror or error)})") from None
+        raise CheckpointError(f"{path}: cannot read ({summarize(strerror or error)})") from None
     match = CHECKPOINT_RE.match(path.name)
     if verify:
         entry = _read_manifest(path.parent).get(path.name)
@@ -349,7 +350,7 @@ def load_checkpoint(path: str | os.PathLike, verify: bool = True) -> dict:
         if not isinstance(entry, dict):
             raise CheckpointError(f"{path}: its entry in {MANIFEST} is not a JSON object")
         if len(data) != entry.get("bytes"):
-            raise CheckpointError(f"{path}: {len(data)} bytes, {_one_line(entry.get('bytes'), 40)}"
+            raise CheckpointError(f"{path}: {len(data)} bytes, {summarize(entry.get('bytes'), 40)}"
                                   " recorded (truncated or altered)")
         if _sha256(data) != entry.get("sha256"):
             raise CheckpointError(f"{path}: SHA-256 differs from the recorded digest (altered)")

@@ -248,9 +248,9 @@ def _restore(trainer: "Trainer", saved: dict, path: Path) -> None:
                 raise ValueError(f"momentum of shape {tuple(momentum.shape)} for a parameter of "
                                  f"shape {tuple(param.shape)}")
     except Exception as error:  # missing keys, wrong shapes, foreign objects: one clear line
-        text = " ".join(str(error).split()) or type(error).__name__
+        text = ckpt.summarize(error, 200) or type(error).__name__
         raise ckpt.CheckpointError(f"{path}: does not fit this run's {trainer.config.model} model "
-                                   f"or optimizer ({text[:200]})") from None
+                                   f"or optimizer ({text})") from None
 
 
 def train(config: Config, out: str | Path, resume: bool = False, overwrite: bool = False,
