@@ -1,7 +1,8 @@
 """Classifiers: the classic CIFAR ResNet-32, the seed code's ResNet-34 backbone, and small models.
 
 * ``resnet32``: He et al. (2016) CIFAR ResNet, 3 stages x 5 basic blocks, 16/32/64 channels,
-  parameter-free (option A) shortcuts, ~0.46M parameters; what Saddle-SAM used.
+  parameter-free (option A) shortcuts, ~0.46M parameters; what Saddle-SAM used. ``resnet8``
+  (1 block a stage, 75k parameters) and ``resnet20`` (3 blocks) are the same family, for CPUs.
 * ``resnet34``: the SSE-SAM seed backbone, torchvision's ResNet-34 layout with a 3x3 stride-1
   stem and no max-pool, 64..512 channels, ~21M parameters. Written here rather than taken from
   ``torchvision.models`` so that training and analysis never import torchvision (whose compiled
@@ -19,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["MODELS", "build_model", "resnet32", "resnet34", "mlp", "cnn", "count_parameters"]
+__all__ = ["MODELS", "build_model", "resnet8", "resnet20", "resnet32", "resnet34", "mlp", "cnn", "count_parameters"]
 
 
 class _ShortcutA(nn.Module):
@@ -81,9 +82,18 @@ class _ResNet(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
 
 
-def resnet32(in_shape: tuple[int, int, int], num_classes: int, width: int = 16) -> nn.Module:
-    """Classic CIFAR ResNet-32 (``width`` = channels of the first stage, 16 in the paper)."""
-    return _ResNet(in_shape[0], [width, 2 * width, 4 * width], [5, 5, 5], num_classes, "A")
+def _cifar_resnet(blocks: int) -> Callable[..., nn.Module]:
+    """He et al.'s CIFAR ResNet of depth ``6 * blocks + 2``: 3 stages of ``blocks`` basic blocks."""
+    def build(in_shape: tuple[int, int, int], num_classes: int, width: int = 16) -> nn.Module:
+        return _ResNet(in_shape[0], [width, 2 * width, 4 * width], [blocks] * 3, num_classes, "A")
+
+    build.__name__ = f"resnet{6 * blocks + 2}"
+    build.__doc__ = (f"CIFAR ResNet-{6 * blocks + 2} ({blocks} blocks a stage; ``width`` = "
+                     "channels of the first stage, 16 in the paper).")
+    return build
+
+
+resnet8, resnet20, resnet32 = _cifar_resnet(1), _cifar_resnet(3), _cifar_resnet(5)
 
 
 def resnet34(in_shape: tuple[int, int, int], num_classes: int, width: int = 64) -> nn.Module:
@@ -108,9 +118,10 @@ def cnn(in_shape: tuple[int, int, int], num_classes: int, width: int = 16) -> nn
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
-    "resnet32": resnet32, "resnet34": resnet34, "mlp": mlp, "cnn": cnn,
+    "resnet8": resnet8, "resnet20": resnet20, "resnet32": resnet32, "resnet34": resnet34,
+    "mlp": mlp, "cnn": cnn,
 }
-DEFAULT_WIDTH = {"resnet32": 16, "resnet34": 64, "mlp": 64, "cnn": 16}
+DEFAULT_WIDTH = {"resnet8": 16, "resnet20": 16, "resnet32": 16, "resnet34": 64, "mlp": 64, "cnn": 16}
 
 
 class ModelError(ValueError):
