@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from train._cli import OneLineParser, UsageError, one_line
+from train.cli_base import OneLineParser, UsageError, one_line
 from train.config import Config, ConfigError
 
 __all__ = ["main", "build_parser", "UsageError"]

@@ -17,7 +17,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -27,6 +27,7 @@ from train import distributed
 from train.config import Config, ConfigError
 from train.data import LongTailData, accuracy_splits, epoch_generator, load_dataset, normalize, \
     train_batches
+from train.device import resolve_device
 from train.losses import build_loss
 from train.models import build_model
 from train.optim import GroupSAM, group_sample_weights
@@ -40,22 +41,6 @@ class TrainingDiverged(RuntimeError):
 
 class RunExists(ConfigError):
     """The output folder already holds a run and neither resume nor overwrite was asked."""
-
-
-def resolve_device(name: Union[str, torch.device, None]) -> torch.device:
-    """``auto`` (or None): CUDA if available, else the CPU; otherwise ``cpu``, ``cuda`` or
-    ``cuda:N``, checked to exist here. Anything else is a one-line :class:`ConfigError`."""
-    if name is None or name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError, ValueError):
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"device must be auto, cpu or cuda[:N], got {str(name)[:60]!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name} asked for, but CUDA is not available here")
-    return device
 
 
 def cosine_lr(base_lr: float, epoch: int, epochs: int) -> float:
