@@ -65,7 +65,8 @@ def machine(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
     gpu = "GPU present, not used" if torch.cuda.is_available() else "no GPU"
-    return f"{os.cpu_count()}-core CPU ({platform.machine()}, {torch.get_num_threads()} threads), {gpu}"
+    threads = torch.get_num_threads()
+    return f"{os.cpu_count()}-core CPU ({platform.machine()}, {threads} threads), {gpu}"
 
 
 def parse(argv=None) -> argparse.Namespace:

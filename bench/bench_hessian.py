@@ -94,8 +94,8 @@ def bench_methods(run, group: str, repeats: int) -> list[list]:
         V = torch.randn(n, 10, generator=g, dtype=torch.float64)
         fns = {}
         for name, op in variants.items():
-            fns[(name, 1)] = (lambda op=op: op.matvec(V[:, 0]))
-            fns[(name, 10)] = (lambda op=op: op.matmat(V))
+            fns[(name, 1)] = (lambda op=op, V=V: op.matvec(V[:, 0]))
+            fns[(name, 10)] = (lambda op=op, V=V: op.matmat(V))
         t = _min_time(fns, repeats)
         base = t[("double backward, graph kept", 1)]
         for name in variants:

@@ -268,7 +268,8 @@ def test_augment_equals_per_image_reference(pad, flip, dtype, shape):
     out = D.augment(images, pad, flip, gen)
     assert out.dtype == dtype and out.shape == images.shape and out.device == images.device
     assert out.is_contiguous()
-    np.testing.assert_array_equal(out.numpy(), _reference_augment(images, pad, flip, offsets, flips))
+    expected = _reference_augment(images, pad, flip, offsets, flips)
+    np.testing.assert_array_equal(out.numpy(), expected)
 
 
 def test_augment_is_random_per_image():

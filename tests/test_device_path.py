@@ -144,7 +144,7 @@ def _output_dtypes(trainer: Trainer) -> set[torch.dtype]:
         losses = run_steps(trainer, 1)
     finally:
         hook.remove()
-    assert all(torch.isfinite(l).all() for l in losses)
+    assert all(torch.isfinite(loss).all() for loss in losses)
     return seen
 
 

@@ -62,13 +62,13 @@ def test_layer_and_no_normalisation():
     (layer,) = random_directions(model, 1, seed=1, normalization="layer")
     generator = torch.Generator().manual_seed(1)  # the documented draw order, redone by hand
     draws = [torch.randn(p.shape, generator=generator) for p in model.parameters()]
-    for p, draw, r, l in zip(model.parameters(), draws, _param_views(model, raw.vector),
+    for p, draw, r, scaled in zip(model.parameters(), draws, _param_views(model, raw.vector),
                              _param_views(model, layer.vector)):
         if p.dim() <= 1:
-            assert not r.any() and not l.any()
+            assert not r.any() and not scaled.any()
         else:
             assert torch.equal(r, draw)
-            assert float(l.norm()) == pytest.approx(float(p.detach().norm()), rel=1e-5)
+            assert float(scaled.norm()) == pytest.approx(float(p.detach().norm()), rel=1e-5)
 
 
 def test_random_directions_are_seeded_and_free_of_global_state(mlp_run):

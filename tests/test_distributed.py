@@ -235,7 +235,8 @@ def test_torchrun_command_line(tmp_path):
     a = ckpt.load_checkpoint(ckpt.list_checkpoints(tmp_path / "ddp")[-1][1])
     b = ckpt.load_checkpoint(ckpt.list_checkpoints(reference)[-1][1])
     assert max_difference(a["model"], b["model"]) <= TOLERANCE
-    rows = [json.loads(l) for l in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    lines = (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
     assert [r["epoch"] for r in rows] == [1, 2]
 
 

@@ -39,7 +39,7 @@ def _resnet34_params(num_classes):
     total = _conv(3, 64, 3) + _bn(64)
     cin = 64
     for width, depth in zip((64, 128, 256, 512), (3, 4, 6, 3)):
-        for j in range(depth):
+        for _ in range(depth):
             total += _conv(cin, width, 3) + _bn(width) + _conv(width, width, 3) + _bn(width)
             if cin != width:
                 total += _conv(cin, width, 1) + _bn(width)

@@ -220,7 +220,8 @@ def test_float32_model_close_to_reference():
 
 def test_presets_differ():
     """The tolerance can tell the optimizers apart: each pair differs by far more than 1e-6."""
-    finals = {name: torch.cat([p.flatten() for p in _run_both(name, "mlp", "mixed")[1].parameters()])
+    finals = {name: torch.cat([p.flatten()
+                               for p in _run_both(name, "mlp", "mixed")[1].parameters()])
               for name in ("sgd", "sam", "imbsam", "ssesam")}
     names = sorted(finals)
     for i, a in enumerate(names):
@@ -245,7 +246,8 @@ def test_switch_epoch_is_exact_ceil(gamma, epochs):
     assert all(p.rhos(e) == ((0.05 if e < expected else 0.0), 0.1) for e in range(epochs))
 
 
-@pytest.mark.parametrize("kwargs,match", [({"rho": -0.1}, "rho"), ({"head_rho": float("nan")}, "head_rho"),
+@pytest.mark.parametrize("kwargs,match", [({"rho": -0.1}, "rho"),
+                                          ({"head_rho": float("nan")}, "head_rho"),
                                           ({"tail_rho": float("inf")}, "tail_rho"),
                                           ({"gamma": 1.0}, "gamma"), ({"gamma": -0.01}, "gamma")])
 def test_preset_rejects_bad_values(kwargs, match):
