@@ -1,9 +1,9 @@
 r"""Directions in parameter space for loss surfaces: random (filter-normalised), Hessian
 eigenvectors, the line between two checkpoints, and the PCA of a checkpoint trajectory.
 
-Every direction is a flat vector over the model's trainable parameters, in the order of
-``model.named_parameters()`` (the layout of ``torch.nn.utils.parameters_to_vector`` and of
-:class:`landscape.hvp.GroupHessian`), so a Hessian eigenvector is a direction as it stands.
+Every direction is a flat vector over the model's trainable parameters
+(:class:`landscape.layout.ParamLayout`, the layout of :class:`landscape.hvp.GroupHessian` too),
+so a Hessian eigenvector is a direction as it stands.
 Buffers (BatchNorm running statistics) are not parameters and are never perturbed: a surface is
 the loss at :math:`w + \alpha d_1 + \beta d_2` with the checkpoint's running statistics, the
 model in eval mode.
@@ -37,6 +37,7 @@ import torch
 import torch.nn as nn
 
 from landscape.errors import AnalysisError
+from landscape.layout import ParamLayout
 from train import checkpoint as ckpt
 
 __all__ = [
@@ -76,13 +77,13 @@ class Direction:
 
 def parameter_names(model: nn.Module) -> list[str]:
     """Names of the trainable parameters, in the order of a flat vector."""
-    return [name for name, p in model.named_parameters() if p.requires_grad]
+    return list(ParamLayout.of(model).names)
 
 
 def flat_parameters(model: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The weights ``w`` as one flat CPU vector (same layout as every direction)."""
-    return torch.cat([p.detach().reshape(-1).to("cpu", dtype)
-                      for p in model.parameters() if p.requires_grad])
+    layout = ParamLayout.of(model)
+    return layout.flatten(layout.parameters(model), dtype=dtype, device="cpu")
 
 
 def _normalize(d: torch.Tensor, w: torch.Tensor, normalization: str, one_d: str) -> torch.Tensor:
@@ -126,14 +127,15 @@ def random_directions(model: nn.Module, count: int = 2, seed: int = 0,
     if int(count) < 1:
         raise AnalysisError(f"count must be >= 1, got {count}")
     generator = torch.Generator().manual_seed(int(seed))
-    weights = [p.detach().to("cpu", torch.float32) for p in model.parameters() if p.requires_grad]
+    layout = ParamLayout.of(model)
+    weights = layout.unflatten(flat_parameters(model))
     directions = []
     for index in range(int(count)):
         parts = [_normalize(torch.randn(w.shape, generator=generator, dtype=torch.float32), w,
-                            normalization, one_d).reshape(-1) for w in weights]
+                            normalization, one_d) for w in weights]
         recipe = {"seed": int(seed), "index": index, "normalization": normalization,
                   "one_d": one_d}
-        directions.append(Direction(torch.cat(parts), "random", recipe))
+        directions.append(Direction(layout.flatten(parts), "random", recipe))
     return tuple(directions)
 
 
@@ -204,10 +206,9 @@ def interpolation_direction(start, end) -> Direction:
     """
     model_a, info_a = _label(start)
     model_b, info_b = _label(end)
-    names_a, names_b = parameter_names(model_a), parameter_names(model_b)
-    w_a, w_b = flat_parameters(model_a, torch.float64), flat_parameters(model_b, torch.float64)
-    if names_a != names_b or w_a.shape != w_b.shape:
+    if ParamLayout.of(model_a) != ParamLayout.of(model_b):
         raise AnalysisError("the two checkpoints have different parameters (not the same model)")
+    w_a, w_b = flat_parameters(model_a, torch.float64), flat_parameters(model_b, torch.float64)
     recipe = {"start": info_a, "end": info_b}
     return Direction((w_b - w_a).float(), "interpolation", recipe)
 
@@ -249,7 +250,7 @@ def trajectory_pca(run, count: int = 2, paths: Optional[Sequence[Union[str, Path
     Raises:
         AnalysisError: fewer than ``count + 1`` checkpoints, or a rank-deficient trajectory.
     """
-    names = parameter_names(run.model)
+    layout = ParamLayout.of(run.model)
     if paths is None:
         found = [(e, p) for e, p in ckpt.list_checkpoints(run.run_dir) if e <= run.epoch]
     else:
@@ -264,11 +265,12 @@ def trajectory_pca(run, count: int = 2, paths: Optional[Sequence[Union[str, Path
     origin = flat_parameters(run.model, torch.float64)
     rows = []
     for _, path in found:
-        state = ckpt.load_checkpoint(path)["model"]
-        missing = [n for n in names if n not in state]
-        if missing:
-            raise AnalysisError(f"{path}: no parameter {missing[0]!r} (another model?)")
-        rows.append(torch.cat([state[n].reshape(-1).to(torch.float64) for n in names]) - origin)
+        try:
+            w = layout.flatten_state(ckpt.load_checkpoint(path)["model"], torch.float64)
+        except KeyError as missing:
+            raise AnalysisError(f"{path}: no parameter {missing.args[0]!r} (another model?)") \
+                from None
+        rows.append(w - origin)
     offsets = torch.stack(rows)                      # (T + 1, n): w_i - w_origin
     centred = offsets - offsets.mean(dim=0, keepdim=True)
     _, singular, vt = torch.linalg.svd(centred, full_matrices=False)

@@ -12,8 +12,8 @@ processed in batches ``B_1, ..., B_b``; each batch contributes
 ``|B_j| / N``, so the sum is exactly the HVP of the mean loss whatever the batch size (up to
 floating-point rounding).
 
-Vectors are flat: the parameters of ``model.named_parameters()`` in that order, each flattened
-(the layout of ``torch.nn.utils.parameters_to_vector``).
+Vectors are flat, in the layout of :class:`landscape.layout.ParamLayout` (the trainable
+parameters of ``model.named_parameters()`` in that order, each flattened).
 
 How the HVP is computed (``method``), measured on CPU (2 cores; ``bench/bench_hessian.py``, figures
 in BENCHMARKS.md):
@@ -44,6 +44,7 @@ from scipy.sparse.linalg import LinearOperator
 from torch.func import functional_call
 
 from landscape import _distributed
+from landscape.layout import ParamLayout
 
 __all__ = ["GroupHessian", "HVP_METHODS", "DEFAULT_METHOD", "default_batch_size"]
 
@@ -116,13 +117,10 @@ class GroupHessian:
         # A private copy: casting to float64 and eval mode must not change the caller's model.
         self._model = copy.deepcopy(model).to(dtype=dtype).eval()
         self.device = next(iter(self._model.parameters())).device
-        named = [(name, p) for name, p in self._model.named_parameters() if p.requires_grad]
-        self.names = [name for name, _ in named]
-        self.shapes = [tuple(p.shape) for _, p in named]
-        self.sizes = [p.numel() for _, p in named]
-        self.params = [p.detach() for _, p in named]
+        self.layout = ParamLayout.of(self._model)
+        self.params = [p.detach() for p in self.layout.parameters(self._model)]
         self.buffers = {name: b for name, b in self._model.named_buffers()}
-        self.n_params = int(sum(self.sizes))
+        self.n_params = self.layout.n
         self.loss_fn = loss_fn
         self.inputs = inputs.to(self.device, dtype)
         self.targets = targets.to(self.device)
@@ -156,14 +154,8 @@ class GroupHessian:
     # Flat vectors <-> parameter-shaped lists ----------------------------------------------------
 
     def parameter_vector(self) -> torch.Tensor:
-        """The weights ``w`` as one flat vector."""
-        return torch.cat([p.reshape(-1) for p in self.params])
-
-    def _unflatten(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        """``(..., n)`` -> per-parameter views of shape ``(..., *shape)``."""
-        lead = flat.shape[:-1]
-        return [chunk.reshape(*lead, *shape)
-                for chunk, shape in zip(torch.split(flat, self.sizes, dim=-1), self.shapes)]
+        """The weights ``w`` as one flat vector (:attr:`layout`)."""
+        return self.layout.flatten(self.params)
 
     def _batches(self, batch_size: int):
         # Under torchrun, this rank's share of the samples only; the sums over batches are
@@ -176,7 +168,7 @@ class GroupHessian:
     def _batch_loss(self, params: Sequence[torch.Tensor], x: torch.Tensor,
                     y: torch.Tensor) -> torch.Tensor:
         """``sum_{i in batch} l_i / N``: the batch's share of the group mean."""
-        state = {**dict(zip(self.names, params)), **self.buffers}
+        state = {**self.layout.named(params), **self.buffers}
         logits = functional_call(self._model, state, (x,))
         return self.loss_fn(logits, y).sum() / self.n_samples
 
@@ -196,7 +188,7 @@ class GroupHessian:
         for x, y in self._batches(self.batch_size):
             params = [p.clone().requires_grad_(True) for p in self.params]
             grads = torch.autograd.grad(self._batch_loss(params, x, y), params)
-            total += torch.cat([g.reshape(-1) for g in grads])
+            total += self.layout.flatten(grads)
         return _distributed.sum_(total)
 
     # Hessian-vector products -----------------------------------------------------------------
@@ -232,14 +224,14 @@ class GroupHessian:
     def _block_product(self, columns: torch.Tensor, batch_size: int) -> torch.Tensor:
         """``(k, n)`` vectors -> ``(k, n)`` products, accumulated over batches."""
         k = columns.shape[0]
-        tangents = self._unflatten(columns)  # each (k, *shape)
+        tangents = self.layout.unflatten(columns)  # each (k, *shape)
         total = torch.zeros_like(columns)
         for x, y in self._batches(batch_size):
             if self.method == "double-backward":
                 parts = self._double_backward(tangents, x, y, k)
             else:
                 parts = self._forward_over_reverse(tangents, x, y)
-            total += torch.cat([p.reshape(k, -1) for p in parts], dim=1)
+            total += self.layout.flatten(parts)
         return _distributed.sum_(total)
 
     def _gradient_graph(self, x, y):

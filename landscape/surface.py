@@ -53,6 +53,7 @@ from torch.func import functional_call
 from landscape import _distributed
 from landscape.directions import Direction
 from landscape.errors import AnalysisError
+from landscape.layout import ParamLayout
 from train.checkpoint import atomic_write_bytes
 
 __all__ = ["Surface", "SurfaceEvaluator", "compute_surface", "grid_axis", "METHODS", "FORMAT"]
@@ -105,26 +106,19 @@ class SurfaceEvaluator:
         self.loss_fn = loss_fn
         device = next(iter(self.model.parameters())).device
         self.device = device
-        # Directions cover the trainable parameters only (the layout of landscape.directions).
-        named = [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
+        # Directions cover the trainable parameters only (landscape.layout).
+        self.layout = ParamLayout.of(self.model)
+        params = self.layout.parameters(self.model)
         self.model.requires_grad_(False)
-        params = [p for _, p in named]
-        self.names = [name for name, _ in named]
-        self.shapes = [p.shape for p in params]
-        self.sizes = [p.numel() for p in params]
-        n = sum(self.sizes)
+        n = self.layout.n
         for d in directions:
             if d.numel() != n:
                 raise AnalysisError(f"a direction has {d.numel()} entries, the model {n} "
                                     "parameters (direction of another model?)")
         # The parameters become views into one flat buffer: a grid point is then written with
         # one or two vector operations instead of one copy per parameter tensor.
-        self.w0 = torch.cat([p.detach().reshape(-1) for p in params]).clone()
-        self.flat = self.w0.clone()
-        offset = 0
-        for p, size in zip(params, self.sizes):
-            p.data = self.flat[offset:offset + size].view_as(p)
-            offset += size
+        self.flat = self.layout.share_storage(params)
+        self.w0 = self.flat.clone()
         self.directions = torch.stack([d.to(device, dtype).reshape(-1) for d in directions])
         self.buffers = dict(self.model.named_buffers())
         self.inputs = inputs.to(device, dtype)
@@ -162,13 +156,10 @@ class SurfaceEvaluator:
     @torch.inference_mode()
     def _vmap(self, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n_samples = self.targets.shape[0]
-        names, shapes, sizes, model, buffers = (self.names, self.shapes, self.sizes, self.model,
-                                                self.buffers)
+        layout, model, buffers = self.layout, self.model, self.buffers
 
         def forward(flat_weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-            parts = torch.split(flat_weights, sizes)
-            state = {**{n: p.view(s) for n, p, s in zip(names, parts, shapes)}, **buffers}
-            return functional_call(model, state, (x,))
+            return functional_call(model, {**layout.named(flat_weights), **buffers}, (x,))
 
         batched = torch.func.vmap(forward, in_dims=(0, None))
         out_loss, out_acc = [], []

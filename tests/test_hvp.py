@@ -160,8 +160,7 @@ def test_gradient_matches_finite_differences_of_the_loss(mlp):
 
     def loss_at(vector):
         shifted = GroupHessian(mlp.model, mlp.loss_fn(), *mlp.group_data("tail"))
-        shifted.params = [t.reshape(s) for t, s in
-                          zip(torch.split(vector, shifted.sizes), shifted.shapes)]
+        shifted.params = shifted.layout.unflatten(vector)
         return shifted.loss()
 
     slope = (loss_at(w + h * d) - loss_at(w - h * d)) / (2 * h)
