@@ -89,7 +89,7 @@ def _progress_bar(args, total: int, what: str):
 def run_hessian(args) -> int:
     from landscape.hessian import DTYPES, hessian_summary, summary_json_text
     from landscape.load import load
-    from train.checkpoint import atomic_write_bytes
+    from train.io import atomic_write_bytes
     from train.models import count_parameters
 
     _check_positive(args, "batch_size", "max_steps")

@@ -19,7 +19,7 @@ import importlib
 import sys
 from typing import Optional, Sequence
 
-from train._cli import OneLineParser, UsageError, one_line
+from train.cli_base import OneLineParser, UsageError, one_line
 
 __all__ = ["main", "UsageError", "SUBCOMMANDS"]
 

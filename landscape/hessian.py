@@ -212,7 +212,7 @@ def save_spectra(densities: Mapping[str, SpectralDensity], out: Union[str, Path]
     ``spectrum.json`` (settings and per-group summaries), ``spectrum.png`` and ``spectrum.html``
     into ``out`` (created if missing). Each file is written atomically, after all are rendered."""
     from landscape import plots
-    from train.checkpoint import atomic_write_bytes, atomic_write_json
+    from train.io import atomic_write_bytes, atomic_write_json
 
     out = Path(out)
     arrays = {}

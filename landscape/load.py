@@ -19,8 +19,9 @@ import torch.nn as nn
 from train import checkpoint as ckpt
 from train.config import Config, ConfigError
 from train.data import LongTailData, load_dataset, normalize
+from train.device import resolve_device
+from train.io import summarize
 from train.losses import build_loss
-from train.loop import resolve_device
 from train.models import build_model
 
 __all__ = ["Run", "load", "GroupError", "Group"]
@@ -153,7 +154,7 @@ def load(path: Union[str, Path], device: Union[str, torch.device, None] = None,
     try:
         model.load_state_dict(state["model"])
     except Exception as error:  # wrong keys or shapes, or values that are not tensors
-        text = ckpt.summarize(error, 200) or type(error).__name__
+        text = summarize(error, 200) or type(error).__name__
         raise ckpt.CheckpointError(f"{path}: weights do not fit the config's model "
                                    f"{config.model} ({text})") from None
     model.to(device).eval()

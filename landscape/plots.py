@@ -1,7 +1,7 @@
 """Figures: matplotlib PNGs (Agg backend, no display needed) and self-contained plotly HTML files
 (``include_plotlyjs=True``: they open offline, with no network).
 
-Every function writes one file atomically (``train.checkpoint.atomic_write_bytes``) and returns
+Every function writes one file atomically (``train.io.atomic_write_bytes``) and returns
 its path.
 """
 
@@ -18,7 +18,7 @@ matplotlib.use("Agg")  # files only: never ask for a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from train.checkpoint import atomic_write_bytes  # noqa: E402
+from train.io import atomic_write_bytes  # noqa: E402
 
 PathLike = Union[str, Path]
 

@@ -39,6 +39,7 @@ import numpy as np
 
 from landscape.errors import AnalysisError
 from train import checkpoint as ckpt
+from train.io import atomic_write_bytes, atomic_write_json
 
 __all__ = ["ReportSettings", "GroupIndicators", "RunSummary", "SaddleReport", "check_runs",
            "select_checkpoints", "group_indicators", "group_density", "build_report",
@@ -357,7 +358,7 @@ def group_indicators(run, group: str, settings: ReportSettings = ReportSettings(
         entries = _read_entries(path)  # re-read: another process may have added entries
         entries[key_id] = {"key": key, "result": indicators.to_json(),
                            "summary": summary.to_json()}
-        ckpt.atomic_write_json(path, {"format": CACHE_FORMAT, "entries": entries})
+        atomic_write_json(path, {"format": CACHE_FORMAT, "entries": entries})
     return indicators
 
 
@@ -383,7 +384,7 @@ def group_density(run, group: str, settings: ReportSettings = ReportSettings(),
         buffer = io.BytesIO()
         np.savez(buffer, grid=density.grid, density=density.density, nodes=density.nodes,
                  weights=density.weights, key=np.array(json.dumps(key, sort_keys=True)))
-        ckpt.atomic_write_bytes(path, buffer.getvalue())
+        atomic_write_bytes(path, buffer.getvalue())
     return density.grid, density.density
 
 
@@ -481,9 +482,9 @@ def write_report(report: SaddleReport, out: PathLike) -> list[Path]:
     table = report.to_markdown()
     for name, text in (("table.csv", report.to_csv()), ("table.md", table),
                        ("report.md", _report_markdown(report, table, densities))):
-        ckpt.atomic_write_bytes(out / name, text.encode("utf-8"))
+        atomic_write_bytes(out / name, text.encode("utf-8"))
         written.append(out / name)
-    ckpt.atomic_write_json(out / "report.json", report.to_json())
+    atomic_write_json(out / "report.json", report.to_json())
     written.append(out / "report.json")
     return written
 

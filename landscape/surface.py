@@ -54,7 +54,7 @@ from landscape import _distributed
 from landscape.directions import Direction
 from landscape.errors import AnalysisError
 from landscape.layout import ParamLayout
-from train.checkpoint import atomic_write_bytes
+from train.io import atomic_write_bytes
 
 __all__ = ["Surface", "SurfaceEvaluator", "compute_surface", "grid_axis", "METHODS", "FORMAT"]
 
