@@ -7,6 +7,9 @@ plain mean loss over all samples in one batch: no batching, no HVP code of ``lan
 from __future__ import annotations
 
 import copy
+import hashlib
+import inspect
+import json
 from typing import Callable
 
 import numpy as np
@@ -14,8 +17,15 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 
-__all__ = ["dense_hessian", "flat_parameters", "dense_eigh", "tiny_run", "cached_run",
-           "dense_group_hessian"]
+__all__ = ["dense_hessian", "flat_parameters", "dense_eigh", "symmetric", "tiny_run",
+           "cached_run", "dense_group_hessian", "TINY_MLP", "TINY_CNN", "CNN_GROUP"]
+
+# The two tiny runs the Hessian tests share (tests/conftest.py: ``tiny_mlp_path``,
+# ``tiny_cnn_path``), and the CNN's group: classes 7-9 have 25 training samples, which keeps the
+# dense BatchNorm-CNN Hessian cheap.
+TINY_MLP = dict(model="mlp", width=8, epochs=2)
+TINY_CNN = dict(model="cnn", width=4, epochs=2, loss="VS")
+CNN_GROUP = [7, 8, 9]
 
 
 def flat_parameters(model: nn.Module) -> torch.Tensor:
@@ -49,6 +59,14 @@ def dense_eigh(hessian: torch.Tensor) -> np.ndarray:
     return np.linalg.eigvalsh(hessian.double().cpu().numpy())
 
 
+def symmetric(eigenvalues, seed: int = 0) -> torch.Tensor:
+    """``Q diag(eigenvalues) Q^T`` (float64) with a random orthogonal ``Q`` drawn from ``seed``."""
+    n = len(eigenvalues)
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    return (Q * torch.as_tensor(eigenvalues, dtype=torch.float64)) @ Q.T
+
+
 def tiny_run(folder, model: str = "mlp", width: int = 8, epochs: int = 6, opt: str = "ssesam",
              loss: str = "CE", seed: int = 0) -> str:
     """Trains a tiny digits-LT run into ``folder`` (a second or two) and returns its path."""
@@ -63,12 +81,20 @@ def tiny_run(folder, model: str = "mlp", width: int = 8, epochs: int = 6, opt: s
     return out
 
 
-def cached_run(tmp_path_factory, name: str, **options) -> str:
+def cached_run(tmp_path_factory, label: str = "run", **options) -> str:
     """A tiny run trained once per test process (each xdist worker has its own base folder)
-    and shared by every test module of that process."""
-    folder = tmp_path_factory.getbasetemp() / f"tiny-run-{name}"
+    and shared by every test module of that process.
+
+    The cache is keyed by every option of :func:`tiny_run`, defaults included: two calls get
+    the same run exactly when they ask for the same training. ``label`` only names the folder.
+    """
+    bound = inspect.signature(tiny_run).bind(None, **options)
+    bound.apply_defaults()
+    settings = {k: v for k, v in bound.arguments.items() if k != "folder"}
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    folder = tmp_path_factory.getbasetemp() / f"tiny-run-{label}-{key}"
     if not (folder / "checkpoints.json").exists():
-        tiny_run(folder, **options)
+        tiny_run(folder, **settings)
     return str(folder)
 
 

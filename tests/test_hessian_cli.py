@@ -22,7 +22,7 @@ import landscape
 from landscape.cli import main
 from landscape.hessian import hessian_summary, spectral_densities
 
-from _reference import cached_run, dense_eigh, dense_group_hessian
+from _reference import dense_eigh, dense_group_hessian
 
 REQUIRED = {"group", "classes", "n_samples", "loss", "top", "bottom", "residuals", "converged",
             "trace", "trace_stderr", "ratio", "hvps", "seconds"}
@@ -30,13 +30,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def mlp_path(tmp_path_factory):
-    return cached_run(tmp_path_factory, "mlp", model="mlp", width=8, epochs=2)
+def mlp_path(tiny_mlp_path):
+    return tiny_mlp_path
 
 
 @pytest.fixture(scope="module")
-def cnn_path(tmp_path_factory):
-    return cached_run(tmp_path_factory, "cnn", model="cnn", width=4, epochs=2, loss="VS")
+def cnn_path(tiny_cnn_path):
+    return tiny_cnn_path
 
 
 @pytest.fixture(scope="module")

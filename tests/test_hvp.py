@@ -15,22 +15,18 @@ import landscape
 from landscape.hvp import GroupHessian
 from landscape.load import GroupError
 
-from _reference import cached_run, dense_group_hessian
-
-CNN_GROUP = [7, 8, 9]  # 25 training samples: keeps the dense BatchNorm-CNN Hessian cheap
+from _reference import CNN_GROUP, dense_group_hessian
 
 
 @pytest.fixture(scope="module")
-def mlp(tmp_path_factory):
-    return landscape.load(cached_run(tmp_path_factory, "mlp", model="mlp", width=8, epochs=2),
-                          device="cpu")
+def mlp(tiny_mlp_path):
+    return landscape.load(tiny_mlp_path, device="cpu")
 
 
 @pytest.fixture(scope="module")
-def cnn(tmp_path_factory):
+def cnn(tiny_cnn_path):
     """A BatchNorm CNN trained with the VS loss (so the run's own loss is not CE)."""
-    return landscape.load(cached_run(tmp_path_factory, "cnn", model="cnn", width=4, epochs=2,
-                                     loss="VS"), device="cpu")
+    return landscape.load(tiny_cnn_path, device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -17,17 +17,7 @@ import landscape
 from landscape.hvp import GroupHessian
 from landscape.lanczos import extreme_eigenpairs, lanczos
 
-from _reference import cached_run, dense_eigh, dense_group_hessian
-
-CNN_GROUP = [7, 8, 9]
-
-
-def _symmetric(eigenvalues, seed: int = 0) -> torch.Tensor:
-    """``Q diag(eigenvalues) Q^T`` with a random orthogonal ``Q``."""
-    n = len(eigenvalues)
-    g = torch.Generator().manual_seed(seed)
-    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
-    return (Q * torch.as_tensor(eigenvalues, dtype=torch.float64)) @ Q.T
+from _reference import CNN_GROUP, dense_eigh, dense_group_hessian, symmetric
 
 
 def _true_residuals(H: torch.Tensor, values: np.ndarray, vectors: torch.Tensor) -> np.ndarray:
@@ -37,7 +27,7 @@ def _true_residuals(H: torch.Tensor, values: np.ndarray, vectors: torch.Tensor) 
 
 def test_extremes_of_a_known_spectrum_with_residuals_and_unit_vectors():
     spectrum = np.r_[np.linspace(-3, 5, 150), [9.0, 8.5, -4.0]]
-    H = _symmetric(spectrum)
+    H = symmetric(spectrum)
     exact = np.sort(spectrum)
     r = extreme_eigenpairs(H, top=4, bottom=3, tol=1e-10, seed=0)
     assert r.converged and r.steps < 150
@@ -56,7 +46,7 @@ def test_extremes_of_a_known_spectrum_with_residuals_and_unit_vectors():
 def test_repeated_eigenvalues_are_found_through_restarts():
     # Single-vector Lanczos sees each distinct eigenvalue once; the breakdown restart finds the
     # second copy.
-    H = _symmetric([5, 5, 3, 1, 0, -2, -2], seed=1)
+    H = symmetric([5, 5, 3, 1, 0, -2, -2], seed=1)
     r = extreme_eigenpairs(H, top=2, bottom=2, tol=1e-12, seed=0)
     np.testing.assert_allclose(r.top, [5, 5], atol=1e-10)
     np.testing.assert_allclose(r.bottom, [-2, -2], atol=1e-10)
@@ -65,13 +55,13 @@ def test_repeated_eigenvalues_are_found_through_restarts():
 
 def test_all_eigenvalues_with_as_many_steps_as_parameters():
     spectrum = np.random.default_rng(2).standard_normal(30)
-    r = extreme_eigenpairs(_symmetric(spectrum, seed=2), top=30, bottom=0, max_steps=30)
+    r = extreme_eigenpairs(symmetric(spectrum, seed=2), top=30, bottom=0, max_steps=30)
     np.testing.assert_allclose(r.top, np.sort(spectrum)[::-1], atol=1e-12)
     assert r.steps == 30 and r.hvps == 30 and r.converged
 
 
 def test_not_converged_is_reported():
-    H = _symmetric(np.r_[np.linspace(0, 1, 200), [1.01]], seed=3)
+    H = symmetric(np.r_[np.linspace(0, 1, 200), [1.01]], seed=3)
     r = extreme_eigenpairs(H, top=2, bottom=1, tol=1e-12, max_steps=6, seed=0)
     assert r.steps == 6 and r.hvps == 6
     assert not r.converged
@@ -79,7 +69,7 @@ def test_not_converged_is_reported():
 
 
 def test_same_seed_same_result_bitwise():
-    H = _symmetric(np.linspace(-1, 2, 80), seed=4)
+    H = symmetric(np.linspace(-1, 2, 80), seed=4)
     a = extreme_eigenpairs(H, top=3, bottom=2, tol=1e-9, seed=7)
     b = extreme_eigenpairs(H, top=3, bottom=2, tol=1e-9, seed=7)
     assert np.array_equal(a.top, b.top) and np.array_equal(a.bottom, b.bottom)
@@ -89,7 +79,7 @@ def test_same_seed_same_result_bitwise():
 
 
 def test_k_larger_than_n_is_refused():
-    H = _symmetric(np.arange(5.0))
+    H = symmetric(np.arange(5.0))
     with pytest.raises(ValueError, match="larger than the parameter count"):
         extreme_eigenpairs(H, top=6)
     with pytest.raises(ValueError, match=">= 0"):
@@ -97,7 +87,7 @@ def test_k_larger_than_n_is_refused():
 
 
 def test_batched_runs_equal_single_runs():
-    H = _symmetric(np.linspace(-2, 3, 60), seed=5)
+    H = symmetric(np.linspace(-2, 3, 60), seed=5)
     start = torch.randn(3, 60, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     together = lanczos(lambda V: H @ V, start, 20, restart=False)
     for i in range(3):
@@ -108,11 +98,9 @@ def test_batched_runs_equal_single_runs():
 
 
 @pytest.fixture(scope="module")
-def cases(tmp_path_factory):
-    mlp = landscape.load(cached_run(tmp_path_factory, "mlp", model="mlp", width=8, epochs=2),
-                         device="cpu")
-    cnn = landscape.load(cached_run(tmp_path_factory, "cnn", model="cnn", width=4, epochs=2,
-                                    loss="VS"), device="cpu")
+def cases(tiny_mlp_path, tiny_cnn_path):
+    mlp = landscape.load(tiny_mlp_path, device="cpu")
+    cnn = landscape.load(tiny_cnn_path, device="cpu")
     return {"mlp-head": (mlp, "head", dense_group_hessian(mlp, "head")),
             "cnn-bn": (cnn, CNN_GROUP, dense_group_hessian(cnn, CNN_GROUP))}
 

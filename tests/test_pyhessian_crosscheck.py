@@ -21,20 +21,17 @@ from landscape.hvp import GroupHessian
 from landscape.lanczos import extreme_eigenpairs
 from landscape.spectrum import slq
 
-from _reference import cached_run, dense_eigh, dense_group_hessian
+from _reference import CNN_GROUP, dense_eigh, dense_group_hessian
 
 pyhessian = pytest.importorskip("pyhessian")
 # PyHessian builds its gradient with backward(create_graph=True); torch warns about the cycle.
 pytestmark = pytest.mark.filterwarnings("ignore:Using backward.. with create_graph=True")
-CNN_GROUP = [7, 8, 9]
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    mlp = landscape.load(cached_run(tmp_path_factory, "mlp", model="mlp", width=8, epochs=2),
-                         device="cpu")
-    cnn = landscape.load(cached_run(tmp_path_factory, "cnn", model="cnn", width=4, epochs=2,
-                                    loss="VS"), device="cpu")
+def runs(tiny_mlp_path, tiny_cnn_path):
+    mlp = landscape.load(tiny_mlp_path, device="cpu")
+    cnn = landscape.load(tiny_cnn_path, device="cpu")
     return {"mlp": (mlp, "tail"), "cnn": (cnn, CNN_GROUP)}
 
 

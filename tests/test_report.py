@@ -12,7 +12,6 @@ import pytest
 
 import landscape
 import landscape.hessian
-from landscape.cli import main as landscape_main
 from landscape.errors import AnalysisError
 from landscape.report import (ReportSettings, build_report, group_indicators, select_checkpoints,
                               write_report)
@@ -108,24 +107,18 @@ def test_report_tables_and_figures(runs, tmp_path):
     assert data["runs"][1]["switch_epoch"] == 3 and len(data["runs"][1]["indicators"]) == 6
 
 
-def _cli(argv, capsys):
-    code = landscape_main(argv)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def test_report_command(runs, tmp_path, capsys):
+def test_report_command(runs, tmp_path, landscape_cli):
     out = tmp_path / "out"
-    code, stdout, _ = _cli(["report", runs["sgd"], runs["ssesam"], "--out", str(out),
-                            "--steps", "40", "--probes", "2", "--tol", "1e-6", "--every", "4",
-                            "--no_progress"], capsys)
+    code, stdout, _ = landscape_cli(["report", runs["sgd"], runs["ssesam"], "--out", str(out),
+                                     "--steps", "40", "--probes", "2", "--tol", "1e-6",
+                                     "--every", "4", "--no_progress"])
     assert code == 0 and "| SSE-SAM |" in stdout
     assert (out / "table.md").read_text() in stdout
     assert [i["epoch"] for i in json.loads((out / "report.json").read_text())["runs"][0][
         "indicators"]] == [0, 0, 4, 4]
 
 
-def test_report_bad_input(runs, tmp_path, capsys):
+def test_report_bad_input(runs, tmp_path, landscape_cli):
     other_groups = _train(tmp_path / "eta", eta=20.0, epochs=1, save_every=1)
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -140,7 +133,7 @@ def test_report_bad_input(runs, tmp_path, capsys):
         ([runs["sgd"], "--groups", "middle"], "unknown or empty"),
     ]
     for argv, message in cases:
-        code, stdout, stderr = _cli(["report", *argv, "--out", str(out), "--no_progress"], capsys)
+        code, stdout, stderr = landscape_cli(["report", *argv, "--out", str(out), "--no_progress"])
         assert code == 2 and message in stderr, (argv, stderr)
         assert len(stderr.strip().splitlines()) == 1 and stdout == ""
         assert not out.exists()
@@ -148,11 +141,11 @@ def test_report_bad_input(runs, tmp_path, capsys):
         ReportSettings(steps=0)
 
 
-def test_demo_trains_four_optimizers_and_writes_the_report(tmp_path, capsys, monkeypatch):
+def test_demo_trains_four_optimizers_and_writes_the_report(tmp_path, landscape_cli, monkeypatch):
     out = tmp_path / "demo"
     argv = ["demo", "--out", str(out), "--epochs", "1", "--save_every", "1", "--steps", "20",
             "--probes", "2", "--no_progress"]
-    code, stdout, _ = _cli(argv, capsys)
+    code, stdout, _ = landscape_cli(argv)
     assert code == 0
     rows = list(csv.DictReader(io.StringIO((out / "report" / "table.csv").read_text())))
     assert [r["optimizer"] for r in rows] == ["SGD", "SAM", "ImbSAM", "SSE-SAM"]
@@ -163,5 +156,5 @@ def test_demo_trains_four_optimizers_and_writes_the_report(tmp_path, capsys, mon
     monkeypatch.setattr(landscape.hessian, "hessian_summary", None)
     monkeypatch.setattr(landscape.hessian, "spectral_densities", None)
     before = {p: p.stat().st_mtime_ns for p in out.glob("*/epoch_*.pt")}
-    assert _cli(argv, capsys)[0] == 0
+    assert landscape_cli(argv)[0] == 0
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/epoch_*.pt")} == before

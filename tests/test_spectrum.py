@@ -18,14 +18,7 @@ from landscape.hvp import GroupHessian
 from landscape.spectrum import (gaussian_density, hutchinson_trace, hutchpp_trace,
                                 rademacher_probes, slq)
 
-from _reference import cached_run, dense_group_hessian
-
-
-def _symmetric(eigenvalues, seed: int = 0) -> torch.Tensor:
-    n = len(eigenvalues)
-    g = torch.Generator().manual_seed(seed)
-    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
-    return (Q * torch.as_tensor(eigenvalues, dtype=torch.float64)) @ Q.T
+from _reference import dense_group_hessian, symmetric
 
 
 def _quadratic_forms(H: torch.Tensor, probes: torch.Tensor, k: int) -> np.ndarray:
@@ -38,9 +31,8 @@ def _quadratic_forms(H: torch.Tensor, probes: torch.Tensor, k: int) -> np.ndarra
 
 
 @pytest.fixture(scope="module")
-def tail(tmp_path_factory):
-    run = landscape.load(cached_run(tmp_path_factory, "mlp", model="mlp", width=8, epochs=2),
-                         device="cpu")
+def tail(tiny_mlp_path):
+    run = landscape.load(tiny_mlp_path, device="cpu")
     return run, dense_group_hessian(run, "tail")
 
 
@@ -59,7 +51,7 @@ def test_slq_moments_are_the_probes_quadratic_forms(tail):
 
 def test_slq_with_a_full_krylov_space_returns_the_spectrum_and_projections():
     spectrum = np.linspace(-1.0, 4.0, 40)
-    H = _symmetric(spectrum, seed=1)
+    H = symmetric(spectrum, seed=1)
     d = slq(H, probes=2, steps=60, seed=0)
     assert d.steps == 40 and list(d.lengths) == [40, 40]
     eigenvalues, U = torch.linalg.eigh(H)
@@ -128,12 +120,12 @@ def test_hutchinson_samples_are_exact_quadratic_forms_and_the_mean_is_within_4_s
 
 
 def test_hutchpp_is_exact_with_a_full_sketch_and_beats_hutchinson_on_a_decaying_spectrum():
-    H = _symmetric(np.r_[np.linspace(-0.5, 0.5, 17), [10.0, 6.0, -3.0]], seed=4)
+    H = symmetric(np.r_[np.linspace(-0.5, 0.5, 17), [10.0, 6.0, -3.0]], seed=4)
     full = hutchpp_trace(H, 60, seed=0)  # sketch of 20 = n vectors: the trace is exact
     assert full.value == pytest.approx(float(torch.trace(H)), abs=1e-10)
     assert full.stderr == 0.0
     spectrum = np.r_[10.0 * 0.5 ** np.arange(12), 0.01 * np.ones(288)]
-    H = _symmetric(spectrum, seed=5)
+    H = symmetric(spectrum, seed=5)
     exact = float(torch.trace(H))
     plus = hutchpp_trace(H, 60, seed=1)
     plain = hutchinson_trace(H, 60, seed=1)
@@ -152,7 +144,7 @@ def test_hutchpp_on_the_group_hessian_is_within_4_stderr(tail):
 
 
 def test_bad_arguments():
-    H = _symmetric(np.arange(4.0))
+    H = symmetric(np.arange(4.0))
     with pytest.raises(ValueError):
         slq(H, probes=0)
     with pytest.raises(ValueError):

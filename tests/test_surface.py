@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 
 import landscape
-from landscape.cli import main as landscape_main
 from landscape.directions import random_directions
 from landscape.errors import AnalysisError
 from landscape.surface import Surface, compute_surface, grid_axis
@@ -188,16 +187,10 @@ def test_grid_and_direction_count_errors(mlp_run):
 # The command ------------------------------------------------------------------------------
 
 
-def _cli(argv, capsys):
-    code = landscape_main(argv)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def test_surface_command_writes_data_png_and_offline_html(mlp_run, tmp_path, capsys):
+def test_surface_command_writes_data_png_and_offline_html(mlp_run, tmp_path, landscape_cli):
     out = tmp_path / "surf"
-    code, stdout, _ = _cli(["surface", mlp_run, "--grid", "5", "--groups", "head,tail",
-                            "--out", str(out), "--no_progress", "--save_every", "7"], capsys)
+    code, stdout, _ = landscape_cli(["surface", mlp_run, "--grid", "5", "--groups", "head,tail",
+                                     "--out", str(out), "--no_progress", "--save_every", "7"])
     assert code == 0 and "surface.npz" in stdout
     surface = Surface.load(out / "surface.npz")
     assert surface.complete and surface.loss["head"].shape == (5, 5)
@@ -210,27 +203,27 @@ def test_surface_command_writes_data_png_and_offline_html(mlp_run, tmp_path, cap
     assert len(html) > 1_000_000 and not re.search(r"<script[^>]*\bsrc=", html)
     # Rerunning the same command finds the finished file and only redraws.
     before = (out / "surface.npz").read_bytes()
-    assert _cli(["surface", mlp_run, "--grid", "5", "--out", str(out), "--no_progress"],
-                capsys)[0] == 0
+    assert landscape_cli(["surface", mlp_run, "--grid", "5", "--out", str(out),
+                          "--no_progress"])[0] == 0
     assert (out / "surface.npz").read_bytes() == before
 
 
-def test_surface_command_pca_eigen_and_interp(mlp_run, tmp_path, capsys):
+def test_surface_command_pca_eigen_and_interp(mlp_run, tmp_path, landscape_cli):
     pca = tmp_path / "pca"
-    assert _cli(["surface", mlp_run, "--directions", "pca", "--grid", "3", "--out", str(pca),
-                 "--no_progress"], capsys)[0] == 0
+    assert landscape_cli(["surface", mlp_run, "--directions", "pca", "--grid", "3",
+                          "--out", str(pca), "--no_progress"])[0] == 0
     surface = Surface.load(pca / "surface.npz")
     coordinates = np.asarray(surface.meta["request"]["trajectory"]["coordinates"])
     assert surface.alphas.max() >= np.abs(coordinates).max()  # the grid covers the trajectory
     eigen = tmp_path / "eigen"
-    assert _cli(["surface", mlp_run, "--directions", "eigen", "--eigen_group", "tail",
-                 "--grid", "3", "--out", str(eigen), "--no_progress"], capsys)[0] == 0
+    assert landscape_cli(["surface", mlp_run, "--directions", "eigen", "--eigen_group", "tail",
+                          "--grid", "3", "--out", str(eigen), "--no_progress"])[0] == 0
     kinds = [d["recipe"]["end"] for d in Surface.load(eigen / "surface.npz").meta["directions"]]
     assert kinds == ["top", "bottom"]
     line = tmp_path / "interp"
-    assert _cli(["surface", f"{mlp_run}/epoch_0000.pt", "--directions", "interp", "--to",
-                 f"{mlp_run}/epoch_0003.pt", "--grid", "5", "--out", str(line),
-                 "--no_progress"], capsys)[0] == 0
+    assert landscape_cli(["surface", f"{mlp_run}/epoch_0000.pt", "--directions", "interp", "--to",
+                          f"{mlp_run}/epoch_0003.pt", "--grid", "5", "--out", str(line),
+                          "--no_progress"])[0] == 0
     surface = Surface.load(line / "surface.npz")
     assert surface.ndim == 1 and (line / "loss_line.png").exists()
     end = landscape.load(f"{mlp_run}/epoch_0003.pt", device="cpu")
@@ -247,17 +240,17 @@ def test_surface_command_pca_eigen_and_interp(mlp_run, tmp_path, capsys):
     (["--directions", "interp"], "needs --to"),
     (["--range", "1", "-1"], "--range"),
 ])
-def test_surface_command_bad_input(mlp_run, tmp_path, capsys, extra, message):
+def test_surface_command_bad_input(mlp_run, tmp_path, landscape_cli, extra, message):
     out = tmp_path / "never"
-    code, stdout, stderr = _cli(["surface", mlp_run, "--out", str(out), "--no_progress", *extra],
-                                capsys)
+    code, stdout, stderr = landscape_cli(["surface", mlp_run, "--out", str(out), "--no_progress",
+                                          *extra])
     assert code == 2 and message in stderr
     assert len(stderr.strip().splitlines()) == 1 and stdout == ""
     assert not out.exists()
 
 
-def test_surface_command_missing_checkpoint(tmp_path, capsys):
-    code, _, stderr = _cli(["surface", str(tmp_path / "nothing"), "--out",
-                            str(tmp_path / "out")], capsys)
+def test_surface_command_missing_checkpoint(tmp_path, landscape_cli):
+    code, _, stderr = landscape_cli(["surface", str(tmp_path / "nothing"), "--out",
+                                     str(tmp_path / "out")])
     assert code == 2 and len(stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
