@@ -80,6 +80,12 @@ def test_models_seeded_and_leave_global_rng(name):
     assert a(torch.zeros(3, *shape)).shape == (3, 5)
 
 
+def test_every_model_name_has_one_builder():
+    from train.models import BUILDERS, DEFAULT_WIDTH
+
+    assert tuple(BUILDERS) == MODELS and tuple(DEFAULT_WIDTH) == MODELS
+
+
 def test_build_model_errors():
     with pytest.raises(ModelError, match="unknown model"):
         build_model("vgg", (3, 32, 32), 10)

@@ -255,6 +255,13 @@ def test_preset_rejects_bad_values(kwargs, match):
         preset("ssesam", **kwargs)
 
 
+def test_every_optimizer_name_is_a_preset():
+    from train.options import OPTIMIZER_LABELS, OPTIMIZERS
+
+    assert {preset(name).name for name in OPTIMIZERS} == set(OPTIMIZERS)
+    assert tuple(OPTIMIZER_LABELS) == OPTIMIZERS
+
+
 def test_preset_errors_and_bn_update():
     with pytest.raises(OptimError, match="unknown optimizer"):
         preset("adam")

@@ -172,6 +172,51 @@ def test_resume_not_a_run(tmp_path, capsys, target):
 
 
 # --------------------------------------------------------------------------------------------
+# One vocabulary: the parser's choices and help defaults come from train.options and Config
+
+
+def _actions():
+    from train.cli import build_parser
+
+    return {a.dest: a for a in build_parser()._actions if a.option_strings}
+
+
+def test_choices_are_the_vocabulary():
+    from train.options import CHOICES
+
+    actions = _actions()
+    for name, allowed in CHOICES.items():
+        assert tuple(actions[name].choices) == allowed, name
+        for value in allowed:  # every listed value is a valid config
+            if name == "model" and value == "resnet34":
+                continue  # valid, only slow to build below; checked by the next line
+            assert getattr(Config(**{name: value}), name) == value
+        with pytest.raises(ValueError, match="choose from " + ", ".join(allowed)):
+            Config(**{name: "no-such-" + name})
+
+
+def test_help_defaults_are_configs():
+    actions = _actions()
+    defaults = Config.__dataclass_fields__
+    shown = 0
+    for name, field in defaults.items():
+        if name not in actions or field.default is None:
+            continue  # data_dir etc. are shown; None defaults depend on another option
+        value = field.default
+        text = (str(value).lower() if isinstance(value, bool)
+                else f"{value:g}" if isinstance(value, float) else str(value))
+        assert actions[name].help.endswith(f"[{text}]"), (name, actions[name].help)
+        shown += 1
+    assert shown >= 25
+    eta_help = actions["eta"].help
+    for name, spec in SPECS.items():  # per-dataset defaults, also from one place
+        assert f"{spec.default_eta} for" in eta_help and name in eta_help
+        assert spec.default_model in actions["model"].help
+        assert Config(dataset=name).eta == spec.default_eta
+        assert Config(dataset=name).model == spec.default_model
+
+
+# --------------------------------------------------------------------------------------------
 # Real subprocesses
 
 

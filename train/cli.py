@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from train.cli_base import OneLineParser, UsageError, one_line
-from train.config import Config, ConfigError
+from train.config import CHOICES, Config, ConfigError
+from train.data import SPECS
+from train.models import DEFAULT_WIDTH
 
 __all__ = ["main", "build_parser", "UsageError"]
 
@@ -39,63 +41,85 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def _default(name: str) -> str:
+    """``Config``'s default of field ``name`` as the help text shows it."""
+    value = _DEFAULTS[name]
+    if isinstance(value, bool):
+        return str(value).lower()
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Config)}
+
+
+def _per(table: dict, key) -> str:
+    """A default that depends on another option: ``"100 for cifar10, cifar100; 40 for digits"``."""
+    names: dict[str, list[str]] = {}
+    for name, value in table.items():
+        names.setdefault(str(key(value)), []).append(name)
+    return "; ".join(f"{shown} for {', '.join(which)}" for shown, which in names.items())
+
+
 def build_parser() -> argparse.ArgumentParser:
-    d = Config()  # defaults, for the help text
     p = OneLineParser(prog="python -m train", description=__doc__.split("\n\n")[0],
-                argument_default=argparse.SUPPRESS,
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                      argument_default=argparse.SUPPRESS,
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    def option(group, name: str, text: str = "", default: Optional[str] = None, **kwargs):
+        """``--name``: its choices from train.options, its default from ``Config``."""
+        if name in CHOICES:
+            kwargs["choices"] = CHOICES[name]
+        shown = _default(name) if default is None else default
+        group.add_argument(f"--{name}", help=f"{text} [{shown}]".lstrip(), **kwargs)
+
+    flag = {"type": _bool, "nargs": "?", "const": True}
     data = p.add_argument_group("data")
-    data.add_argument("--dataset", choices=["digits", "cifar10", "cifar100"], help=f"[{d.dataset}]")
-    data.add_argument("--data_dir", help="folder holding the CIFAR python batches [data]")
-    data.add_argument("--imb_factor", type=float, help=f"largest / smallest class [{d.imb_factor:g}]")
-    data.add_argument("--selection", choices=["first", "shuffled"],
-                      help="which images of a class are kept [first]")
-    data.add_argument("--eta", type=float,
-                      help="tail = classes with fewer than eta training images "
-                           "[100 for CIFAR, 40 for digits]")
+    option(data, "dataset")
+    option(data, "data_dir", "folder holding the CIFAR python batches")
+    option(data, "imb_factor", "largest / smallest class", type=float)
+    option(data, "selection", "which images of a class are kept")
+    option(data, "eta", "tail = classes with fewer than eta training images", type=float,
+           default=_per(SPECS, lambda spec: spec.default_eta))
     model = p.add_argument_group("model and loss")
-    model.add_argument("--model", choices=["resnet32", "resnet34", "mlp", "cnn"],
-                       help="[mlp for digits, resnet32 for CIFAR]")
-    model.add_argument("--width", type=int, help="MLP units / channels of the first stage")
-    model.add_argument("--loss", choices=["CE", "LDAM", "VS", "LA"], help="[CE]")
-    model.add_argument("--gamma_vs", type=float, help="VS loss exponent [0.05]")
-    model.add_argument("--tau", type=float, help="VS / LA prior temperature [0.75]")
+    option(model, "model", default=_per(SPECS, lambda spec: spec.default_model))
+    option(model, "width", "MLP units / channels of the first stage", type=int,
+           default=_per(DEFAULT_WIDTH, str))
+    option(model, "loss")
+    option(model, "gamma_vs", "VS loss exponent", type=float)
+    option(model, "tau", "VS / LA prior temperature", type=float)
     opt = p.add_argument_group("optimizer")
-    opt.add_argument("--opt", choices=["sgd", "sam", "imbsam", "ssesam"], help="[sgd]")
-    opt.add_argument("--rho", type=float, help="SAM / ImbSAM radius [0.05]")
-    opt.add_argument("--head_rho", type=float, help="SSE-SAM head radius in stage I [0.05]")
-    opt.add_argument("--tail_rho", type=float, help="SSE-SAM tail radius [0.1]")
-    opt.add_argument("--gamma", type=float,
-                     help="SSE-SAM: head_rho applies to epochs < ceil(gamma * epochs) [0.7]")
-    opt.add_argument("--group_reduction", choices=["batch", "group"],
-                     help="group losses divided by the batch size or by the group's size [batch]")
-    opt.add_argument("--tail_scale", type=float,
-                     help="factor on the tail loss (2 = the ImbSAM authors' code) [1]")
-    opt.add_argument("--bn_update", choices=["w", "all"],
-                     help="BatchNorm running stats from the forward at w only, or at every "
-                          "perturbed weight too (seed code) [w]")
-    opt.add_argument("--epochs", type=int, help=f"[{d.epochs}]")
-    opt.add_argument("--batch_size", type=int, help=f"[{d.batch_size}]")
-    opt.add_argument("--lr", type=float, help=f"[{d.lr}]")
-    opt.add_argument("--momentum", type=float, help=f"[{d.momentum}]")
-    opt.add_argument("--wd", type=float, help=f"weight decay [{d.wd}]")
+    option(opt, "opt")
+    option(opt, "rho", "SAM / ImbSAM radius", type=float)
+    option(opt, "head_rho", "SSE-SAM head radius in stage I", type=float)
+    option(opt, "tail_rho", "SSE-SAM tail radius", type=float)
+    option(opt, "gamma", "SSE-SAM: head_rho applies to epochs < ceil(gamma * epochs)",
+           type=float)
+    option(opt, "group_reduction", "group losses divided by the batch size or by the group's "
+           "size")
+    option(opt, "tail_scale", "factor on the tail loss (2 = the ImbSAM authors' code)",
+           type=float)
+    option(opt, "bn_update", "BatchNorm running stats from the forward at w only, or at every "
+           "perturbed weight too (seed code)")
+    option(opt, "epochs", type=int)
+    option(opt, "batch_size", type=int)
+    option(opt, "lr", type=float)
+    option(opt, "momentum", type=float)
+    option(opt, "wd", "weight decay", type=float)
     run = p.add_argument_group("run")
-    run.add_argument("--seed", type=int, help=f"[{d.seed}]")
-    run.add_argument("--device", help="auto, cpu, cuda or cuda:N [auto]")
+    option(run, "seed", type=int)
+    option(run, "device", "auto, cpu, cuda or cuda:N")
     run.add_argument("--out", help="run folder [checkpoints/DATASET-OPT-LOSS]")
-    run.add_argument("--save_every", type=int, help=f"checkpoint every N epochs [{d.save_every}]")
-    run.add_argument("--tta", type=_bool, nargs="?", const=True,
-                     help="evaluate with horizontal-flip test-time augmentation [false]")
+    option(run, "save_every", "checkpoint every N epochs", type=int)
+    option(run, "tta", "evaluate with horizontal-flip test-time augmentation", **flag)
     run.add_argument("--resume", metavar="RUN_DIR",
                      help="continue the run in RUN_DIR from its newest good checkpoint")
-    run.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace a run already in --out (only the run's own files are removed)")
     run.add_argument("--no_progress", action="store_true", help="no progress bar")
     fast = p.add_argument_group("speed (GPU)")
-    fast.add_argument("--channels_last", type=_bool, nargs="?", const=True, help="[false]")
-    fast.add_argument("--bf16", type=_bool, nargs="?", const=True,
-                      help="bf16 autocast of forwards and backwards [false]")
-    fast.add_argument("--compile", type=_bool, nargs="?", const=True,
-                      help="torch.compile the model [false]")
+    option(fast, "channels_last", **flag)
+    option(fast, "bf16", "bf16 autocast of forwards and backwards", **flag)
+    option(fast, "compile", "torch.compile the model", **flag)
     return p
 
 
@@ -114,7 +138,8 @@ def parse(argv: Optional[Sequence[str]] = None) -> tuple[Config, Path, bool, boo
         if "overwrite" in args:
             raise UsageError("--resume continues a run and --overwrite replaces it; give one")
         if args.get("out") and Path(args["out"]) != out:
-            raise UsageError(f"--resume writes into {out}; --out {args['out']} names another folder")
+            raise UsageError(f"--resume writes into {out}; --out {args['out']} names another "
+                             "folder")
         try:
             stored = Config.from_json(read_config(out))
         except ConfigError as error:

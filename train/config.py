@@ -15,11 +15,14 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from train.data import SPECS, accuracy_splits, class_counts, split_groups
-from train.losses import LOSSES
-from train.models import DEFAULT_WIDTH, MODELS
-from train.optim import OPTIMIZERS, preset
+from train.models import DEFAULT_WIDTH
+from train.optim import preset
+from train.options import (BN_UPDATES, CHOICES, DATASETS, GROUP_REDUCTIONS, LOSSES,  # noqa: F401
+                           MODELS, OPTIMIZER_LABELS, OPTIMIZERS, SELECTIONS, check_choice)
 
-__all__ = ["Config", "ConfigError", "IDENTITY_EXCLUDED"]
+__all__ = ["Config", "ConfigError", "IDENTITY_EXCLUDED", "identity_changes", "CHOICES",
+           "DATASETS", "SELECTIONS", "MODELS", "LOSSES", "OPTIMIZERS", "OPTIMIZER_LABELS",
+           "GROUP_REDUCTIONS", "BN_UPDATES"]
 
 # Fields that may differ between an interrupted run and its resumption.
 IDENTITY_EXCLUDED = ("device", "data_dir", "progress", "compile", "channels_last", "bf16")
@@ -75,11 +78,10 @@ class Config:
 
     def __post_init__(self) -> None:
         self._check_types()
-        spec = SPECS.get(self.dataset)
-        if spec is None:
-            raise ConfigError(f"unknown dataset {self.dataset!r} (choose from {', '.join(SPECS)})")
+        check_choice("dataset", self.dataset, ConfigError)
+        spec = SPECS[self.dataset]
         if self.model is None:
-            object.__setattr__(self, "model", "mlp" if self.dataset == "digits" else "resnet32")
+            object.__setattr__(self, "model", spec.default_model)
         if self.eta is None:
             object.__setattr__(self, "eta", float(spec.default_eta))
         if self.width is None:
@@ -123,18 +125,8 @@ class Config:
                 bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
                 raise ConfigError(f"{name} must be an integer {bounds}, got {_shown(value)}")
 
-        if self.model not in MODELS:
-            raise ConfigError(f"unknown model {self.model!r} (choose from {', '.join(MODELS)})")
-        if self.loss not in LOSSES:
-            raise ConfigError(f"unknown loss {self.loss!r} (choose from {', '.join(LOSSES)})")
-        if self.opt not in OPTIMIZERS:
-            raise ConfigError(f"unknown optimizer {self.opt!r} (choose from {', '.join(OPTIMIZERS)})")
-        if self.selection not in ("first", "shuffled"):
-            raise ConfigError(f"selection must be first or shuffled, got {self.selection!r}")
-        if self.group_reduction not in ("batch", "group"):
-            raise ConfigError(f"group_reduction must be batch or group, got {self.group_reduction!r}")
-        if self.bn_update not in ("w", "all"):
-            raise ConfigError(f"bn_update must be w or all, got {self.bn_update!r}")
+        for name in CHOICES:
+            check_choice(name, getattr(self, name), ConfigError)
         if finite("imb_factor") < 1:
             raise ConfigError(f"imb_factor must be >= 1, got {self.imb_factor}")
         if finite("eta") <= 0:
@@ -204,8 +196,20 @@ class Config:
             raise ConfigError(str(error)) from None
 
     def identity(self) -> dict[str, Any]:
-        """The fields that must agree between a run and its resumption."""
+        """The fields that must agree between a run and its resumption (or its analysis)."""
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in IDENTITY_EXCLUDED}
 
     def replace(self, **changes: Any) -> "Config":
         return dataclasses.replace(self, **changes)
+
+
+def identity_changes(old: Config, new: Config) -> list[str]:
+    """The names of the identity fields (:meth:`Config.identity`) in which ``new`` differs from
+    ``old``, sorted; empty when both describe the same run.
+
+    Example:
+        >>> identity_changes(Config(), Config(lr=0.1, device="cpu"))
+        ['lr']
+    """
+    theirs, ours = old.identity(), new.identity()
+    return sorted(k for k, v in ours.items() if theirs.get(k) != v)

@@ -33,6 +33,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from train.options import check_choice
+
 __all__ = [
     "DatasetSpec",
     "SPECS",
@@ -69,6 +71,8 @@ class DatasetSpec:
         pixel_scale: raw pixel value that maps to 1.0 (255 for CIFAR, 16 for digits).
         pad: zero padding of the random crop, in pixels (0: no crop).
         flip: whether training images are flipped horizontally at random.
+        default_eta: the tail threshold ``--eta`` when none is given.
+        default_model: the ``--model`` when none is given.
     """
 
     name: str
@@ -83,6 +87,7 @@ class DatasetSpec:
     many_above: int
     few_below: int
     default_eta: int
+    default_model: str = "resnet32"
 
 
 SPECS = {
@@ -92,7 +97,7 @@ SPECS = {
                             True, many_above=100, few_below=20, default_eta=100),
     # Digits are not mirror-symmetric, so no flip; a 1-pixel shift is the 8x8 analogue of 4/32.
     "digits": DatasetSpec("digits", 10, 120, (1, 8, 8), DIGITS_MEAN, DIGITS_STD, 16.0, 1, False,
-                          many_above=60, few_below=20, default_eta=40),
+                          many_above=60, few_below=20, default_eta=40, default_model="mlp"),
 }
 
 
@@ -263,6 +268,7 @@ def _select(labels: np.ndarray, counts: Sequence[int], selection: str) -> np.nda
     ``shuffled`` shuffles each class's indices with one ``RandomState(0)``, class after class,
     and keeps the first ``n_c`` (the LDAM / Saddle-SAM code).
     """
+    check_choice("selection", selection, DataError)
     rng = np.random.RandomState(0)
     kept = []
     for c, n_c in enumerate(counts):
@@ -271,8 +277,6 @@ def _select(labels: np.ndarray, counts: Sequence[int], selection: str) -> np.nda
             raise DataError(f"class {c} has {len(index)} images, the profile asks for {n_c}")
         if selection == "shuffled":
             rng.shuffle(index)
-        elif selection != "first":
-            raise DataError(f"unknown selection {selection!r} (choose first or shuffled)")
         kept.append(index[:n_c])
     return np.concatenate(kept)
 
@@ -376,15 +380,15 @@ def load_dataset(name: str, imb_factor: float, selection: str = "first",
         data_dir: folder holding ``cifar-10-batches-py/`` or ``cifar-100-python/``.
         download: try torchvision's download when the CIFAR files are missing.
     """
-    if name not in SPECS:
-        raise DataError(f"unknown dataset {name!r} (choose from {', '.join(SPECS)})")
+    check_choice("dataset", name, DataError)
     spec = SPECS[name]
     counts = class_counts(spec.n_max, spec.num_classes, imb_factor)
     if name == "digits":
         train_x, train_y, test_x, test_y = _digits()
     else:
         train_x, train_y, test_x, test_y = _cifar(name, data_dir, download)
-    if train_y.min(initial=0) < 0 or max(train_y.max(initial=0), test_y.max(initial=0)) >= spec.num_classes:
+    highest = max(train_y.max(initial=0), test_y.max(initial=0))
+    if train_y.min(initial=0) < 0 or highest >= spec.num_classes:
         raise DataError(f"{name}: labels outside 0..{spec.num_classes - 1}")
     kept = _select(train_y, counts, selection)
     return LongTailData(spec, torch.from_numpy(np.ascontiguousarray(train_x[kept])),

@@ -186,7 +186,8 @@ def average_buffers(module: nn.Module) -> None:
 
 
 def shard_bounds(size: int, parts: int, index: int) -> tuple[int, int]:
-    """``[start, stop)`` of part ``index`` of ``range(size)`` split as ``torch.tensor_split`` does."""
+    """``[start, stop)`` of part ``index`` of ``range(size)``, split as ``torch.tensor_split``
+    splits it."""
     base, extra = divmod(size, parts)
     start = index * base + min(index, extra)
     return start, start + base + (1 if index < extra else 0)

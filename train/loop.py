@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from train import checkpoint as ckpt
 from train import distributed
-from train.config import Config, ConfigError
+from train.config import Config, ConfigError, identity_changes
 from train.data import LongTailData, accuracy_splits, epoch_generator, load_dataset, normalize, \
     train_batches
 from train.device import resolve_device
@@ -190,9 +190,10 @@ def _prepare_folder(config: Config, out: Path, resume: bool, overwrite: bool) ->
             stored = Config.from_json(ckpt.read_config(out))
         except ConfigError as error:
             raise ckpt.CheckpointError(f"{existing}: invalid config ({error})") from None
-        if stored.identity() != config.identity():
-            diff = sorted(k for k, v in config.identity().items() if stored.identity().get(k) != v)
-            raise ConfigError(f"{existing}: run was made with different settings ({', '.join(diff)})")
+        diff = identity_changes(stored, config)
+        if diff:
+            raise ConfigError(f"{existing}: run was made with different settings "
+                              f"({', '.join(diff)})")
         return 0
     if has_run and not overwrite:
         raise RunExists(f"{out} already holds a run; pass --resume to continue it or "
@@ -218,11 +219,11 @@ def _latest_good_checkpoint(out: Path) -> tuple[int, dict, Path] | None:
 def _restore(trainer: "Trainer", saved: dict, path: Path) -> None:
     """Loads a checkpoint into the trainer, or says in one line why it does not fit this run."""
     try:
-        theirs = Config.from_json(saved["config"]).identity()
+        theirs = Config.from_json(saved["config"])
     except ConfigError as error:
         raise ckpt.CheckpointError(f"{path}: invalid config inside ({error})") from None
-    if theirs != trainer.config.identity():
-        diff = sorted(k for k, v in trainer.config.identity().items() if theirs.get(k) != v)
+    diff = identity_changes(theirs, trainer.config)
+    if diff:
         raise ckpt.CheckpointError(f"{path}: made by another run (its {', '.join(diff)} differ "
                                    "from config.json)")
     try:

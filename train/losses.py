@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from train.options import LOSSES, check_choice
+
 __all__ = ["LOSSES", "build_loss", "LDAMLoss", "VSLoss"]
 
 PerSampleLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -63,9 +65,6 @@ class VSLoss(nn.Module):
         return F.cross_entropy(adjusted, targets, reduction="none")
 
 
-LOSSES = ("CE", "LDAM", "VS", "LA")
-
-
 class LossError(ValueError):
     """An unknown loss name."""
 
@@ -73,12 +72,13 @@ class LossError(ValueError):
 def build_loss(name: str, counts: Sequence[int], gamma_vs: float = 0.05,
                tau: float = 0.75) -> nn.Module:
     """The per-sample loss ``name`` for a training set with class counts ``counts``."""
+    if name == "VA":  # the seed README's name of LA
+        name = "LA"
+    check_choice("loss", name, LossError)
     if name == "CE":
         return CrossEntropy()
     if name == "LDAM":
         return LDAMLoss(counts)
     if name == "VS":
         return VSLoss(counts, gamma_vs=gamma_vs, tau=tau)
-    if name in ("LA", "VA"):
-        return VSLoss(counts, gamma_vs=0.0, tau=tau)
-    raise LossError(f"unknown loss {name!r} (choose from {', '.join(LOSSES)})")
+    return VSLoss(counts, gamma_vs=0.0, tau=tau)  # LA

@@ -20,7 +20,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["MODELS", "build_model", "resnet8", "resnet20", "resnet32", "resnet34", "mlp", "cnn", "count_parameters"]
+from train.options import MODELS, check_choice
+
+__all__ = ["MODELS", "BUILDERS", "build_model", "resnet8", "resnet20", "resnet32", "resnet34",
+           "mlp", "cnn", "count_parameters"]
 
 
 class _ShortcutA(nn.Module):
@@ -117,11 +120,13 @@ def cnn(in_shape: tuple[int, int, int], num_classes: int, width: int = 16) -> nn
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, num_classes))
 
 
-MODELS: dict[str, Callable[..., nn.Module]] = {
+# The builder of each name in train.options.MODELS.
+BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "resnet8": resnet8, "resnet20": resnet20, "resnet32": resnet32, "resnet34": resnet34,
     "mlp": mlp, "cnn": cnn,
 }
-DEFAULT_WIDTH = {"resnet8": 16, "resnet20": 16, "resnet32": 16, "resnet34": 64, "mlp": 64, "cnn": 16}
+DEFAULT_WIDTH = {"resnet8": 16, "resnet20": 16, "resnet32": 16, "resnet34": 64, "mlp": 64,
+                 "cnn": 16}
 
 
 class ModelError(ValueError):
@@ -135,15 +140,14 @@ def build_model(name: str, in_shape: tuple[int, int, int], num_classes: int,
     The initialisation runs under ``torch.random.fork_rng`` so that the global generator is left
     as it was (no hidden global state changes).
     """
-    if name not in MODELS:
-        raise ModelError(f"unknown model {name!r} (choose from {', '.join(MODELS)})")
+    check_choice("model", name, ModelError)
     width = DEFAULT_WIDTH[name] if width is None else int(width)
     if width < 1:
         raise ModelError(f"width must be >= 1, got {width}")
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(seed)
-        return MODELS[name](tuple(in_shape), num_classes, width)
+        return BUILDERS[name](tuple(in_shape), num_classes, width)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -46,9 +46,9 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 import torch.nn as nn
 
-__all__ = ["Preset", "preset", "switch_epoch", "GroupSAM", "SSESAM", "OPTIMIZERS"]
+from train.options import OPTIMIZERS, check_choice
 
-OPTIMIZERS = ("sgd", "sam", "imbsam", "ssesam")
+__all__ = ["Preset", "preset", "switch_epoch", "GroupSAM", "SSESAM", "OPTIMIZERS"]
 
 
 class OptimError(ValueError):
@@ -89,6 +89,7 @@ class Preset:
 def preset(name: str, *, rho: float = 0.05, head_rho: float = 0.05, tail_rho: float = 0.1,
            gamma: float = 0.7, epochs: int = 200) -> Preset:
     """The preset ``name`` of the group-SAM family (see the module docstring)."""
+    check_choice("opt", name, OptimError)
     for label, value in (("rho", rho), ("head_rho", head_rho), ("tail_rho", tail_rho)):
         if not (value >= 0 and math.isfinite(value)):
             raise OptimError(f"{label} must be a finite number >= 0, got {value}")
@@ -100,10 +101,8 @@ def preset(name: str, *, rho: float = 0.05, head_rho: float = 0.05, tail_rho: fl
         return Preset(name, ("all",), (rho,), (rho,), epochs)
     if name == "imbsam":
         return Preset(name, ("head", "tail"), (0.0, rho), (0.0, rho), epochs)
-    if name == "ssesam":
-        return Preset(name, ("head", "tail"), (head_rho, tail_rho), (0.0, tail_rho),
-                      switch_epoch(gamma, epochs))
-    raise OptimError(f"unknown optimizer {name!r} (choose from {', '.join(OPTIMIZERS)})")
+    return Preset(name, ("head", "tail"), (head_rho, tail_rho), (0.0, tail_rho),  # ssesam
+                  switch_epoch(gamma, epochs))
 
 
 @contextlib.contextmanager
@@ -141,8 +140,7 @@ class GroupSAM:
                  bn_update: str = "w",
                  reduce_gradients: Optional[Callable[[list[torch.Tensor]], None]] = None,
                  eps: float = 1e-12):
-        if bn_update not in ("w", "all"):
-            raise OptimError(f"bn_update must be 'w' or 'all', got {bn_update!r}")
+        check_choice("bn_update", bn_update, OptimError)
         self.model = model
         self.base_optimizer = base_optimizer
         self.bn_update = bn_update
@@ -250,17 +248,16 @@ def group_sample_weights(targets: torch.Tensor, group_of_class: torch.Tensor, nu
         sum_over_ranks: sums the group sizes over the ranks in place (``"group"`` reduction;
             one all-reduce of ``num_groups`` numbers, no host synchronisation).
     """
+    check_choice("group_reduction", reduction, OptimError)
     member = (group_of_class[targets][None, :] ==
               torch.arange(num_groups, device=targets.device)[:, None]).to(torch.float32)
     if reduction == "batch":
         weights = member / (targets.shape[0] if batch_size is None else batch_size)
-    elif reduction == "group":
+    else:  # group
         counts = member.sum(1, keepdim=True)
         if sum_over_ranks is not None:
             sum_over_ranks([counts])
         weights = member / counts.clamp_min(1)
-    else:
-        raise OptimError(f"reduction must be 'batch' or 'group', got {reduction!r}")
     if group_scale is not None:
         weights = weights * group_scale.to(weights)[:, None]
     return weights
@@ -339,7 +336,7 @@ class SSESAM:
         self.state.clear()
 
     def update_rho(self) -> None:
-        """Counts one finished epoch; sets ``head_rho`` to 0 once ``gamma * total_epochs`` passed."""
+        """Counts one finished epoch; ``head_rho`` is 0 once ``gamma * total_epochs`` passed."""
         self.epoch_count += 1
         if self.cut_epoch > 0 and self.epoch_count >= self.cut_epoch:
             self.rho_is[0] = 0.0

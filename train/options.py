@@ -1,0 +1,51 @@
+"""The names of every choice a training run offers: one place for the CLI, ``Config``, the
+validation and the report.
+
+Each tuple lists the values of one :class:`train.config.Config` field (its default is
+``Config``'s); :data:`CHOICES` maps the field to its tuple. Adding a value is one line here plus
+its implementation (a dataset in ``train/data.py``, a model builder in ``train/models.py``, a
+loss in ``train/losses.py``, a preset in ``train/optim.py``); the parser, its help text and the
+checks read the tuple.
+
+Example:
+    >>> CHOICES["opt"]
+    ('sgd', 'sam', 'imbsam', 'ssesam')
+    >>> OPTIMIZER_LABELS["ssesam"]
+    'SSE-SAM'
+    >>> check_choice("loss", "focal")
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown loss 'focal' (choose from CE, LDAM, VS, LA)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["DATASETS", "SELECTIONS", "MODELS", "LOSSES", "OPTIMIZERS", "OPTIMIZER_LABELS",
+           "GROUP_REDUCTIONS", "BN_UPDATES", "CHOICES", "check_choice"]
+
+DATASETS = ("digits", "cifar10", "cifar100")
+SELECTIONS = ("first", "shuffled")  # which images of a class are kept (train/data.py)
+MODELS = ("resnet8", "resnet20", "resnet32", "resnet34", "mlp", "cnn")
+LOSSES = ("CE", "LDAM", "VS", "LA")
+OPTIMIZERS = ("sgd", "sam", "imbsam", "ssesam")
+# How figures and tables name the optimizers.
+OPTIMIZER_LABELS = {"sgd": "SGD", "sam": "SAM", "imbsam": "ImbSAM", "ssesam": "SSE-SAM"}
+GROUP_REDUCTIONS = ("batch", "group")  # a group's loss divided by the batch or the group size
+BN_UPDATES = ("w", "all")  # BatchNorm running statistics from the forward at w, or every one
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "dataset": DATASETS, "selection": SELECTIONS, "model": MODELS, "loss": LOSSES,
+    "opt": OPTIMIZERS, "group_reduction": GROUP_REDUCTIONS, "bn_update": BN_UPDATES,
+}
+_NOUN = {"opt": "optimizer"}  # what the messages call a field, where it is not its name
+
+
+def check_choice(field: str, value: Any, error: type[Exception] = ValueError) -> None:
+    """Raises ``error`` with one line if ``value`` is not one of ``CHOICES[field]``."""
+    allowed = CHOICES[field]
+    if not isinstance(value, str) or value not in allowed:
+        shown = repr(value[:60]) if isinstance(value, str) else f"<{type(value).__name__}>"
+        raise error(f"unknown {_NOUN.get(field, field)} {shown} "
+                    f"(choose from {', '.join(allowed)})")
