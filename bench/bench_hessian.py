@@ -43,8 +43,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import landscape  # noqa: E402
 from landscape.hvp import GroupHessian  # noqa: E402
-from landscape.lanczos import extreme_eigenpairs  # noqa: E402
-from landscape.spectrum import slq  # noqa: E402
+from landscape.eigen import extreme_eigenpairs  # noqa: E402
+from landscape.slq import slq  # noqa: E402
 
 from _reference import dense_eigh, dense_group_hessian, tiny_run  # noqa: E402
 

@@ -160,12 +160,12 @@ def eigen_directions(run, group: str, top: int = 1, bottom: int = 1, seed: int =
         group: ``head``, ``tail``, ``all`` or class ids.
         top, bottom: how many eigenvectors of each end.
         seed: seed of Lanczos's start vector.
-        max_steps, tol: Lanczos limits (``None``: :func:`landscape.lanczos.extreme_eigenpairs`'s
+        max_steps, tol: Lanczos limits (``None``: :func:`landscape.eigen.extreme_eigenpairs`'s
             defaults).
         split: the group's samples, ``train`` or ``test``.
     """
     from landscape.hvp import GroupHessian
-    from landscape.lanczos import extreme_eigenpairs
+    from landscape.eigen import extreme_eigenpairs
 
     op = GroupHessian.from_run(run, group, split=split)
     options: dict[str, Any] = {}

@@ -7,8 +7,8 @@
 >>> save_spectra(densities, "spectra/")     # npz, json, PNG and offline HTML
 
 The operator is :class:`landscape.hvp.GroupHessian` (the group's mean loss over its un-augmented
-samples, eval mode); eigenvalues come from :func:`landscape.lanczos.extreme_eigenpairs`, traces
-from :mod:`landscape.spectrum`. Everything is a function of the checkpoint, the arguments and
+samples, eval mode); eigenvalues come from :func:`landscape.eigen.extreme_eigenpairs`, traces
+from :mod:`landscape.traces`. Everything is a function of the checkpoint, the arguments and
 ``seed``.
 """
 
@@ -26,9 +26,10 @@ import torch
 
 from landscape.errors import AnalysisError
 from landscape.hvp import DEFAULT_METHOD, GroupHessian
-from landscape.lanczos import extreme_eigenpairs
+from landscape.eigen import extreme_eigenpairs
 from landscape.load import Group, Run
-from landscape.spectrum import SpectralDensity, hutchinson_trace, hutchpp_trace, slq
+from landscape.slq import SpectralDensity, slq
+from landscape.traces import hutchinson_trace, hutchpp_trace
 
 __all__ = ["HessianSummary", "hessian_summary", "spectral_densities", "save_spectra",
            "group_label", "TRACE_METHODS", "DTYPES"]
@@ -186,7 +187,7 @@ def spectral_densities(run: Run, groups: Sequence[Group], probes: int = 10, step
                        probe_batch: Optional[int] = None, method: str = DEFAULT_METHOD,
                        progress: Optional[Callable[[int], object]] = None
                        ) -> dict[str, SpectralDensity]:
-    """SLQ spectral densities (:func:`landscape.spectrum.slq`) of several groups' Hessians, keyed
+    """SLQ spectral densities (:func:`landscape.slq.slq`) of several groups' Hessians, keyed
     by :func:`group_label`. Every group uses the same ``seed`` (the same probes).
 
     Every group is resolved before any Hessian work, so a bad group fails at once.

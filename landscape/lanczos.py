@@ -1,4 +1,4 @@
-"""Lanczos with full re-orthogonalisation, and the extreme eigenpairs of a symmetric operator.
+"""Lanczos with full re-orthogonalisation: several runs side by side, float64 bases.
 
 For a symmetric ``H`` (n x n) and a unit start vector ``q_1``, ``m`` Lanczos steps build an
 orthonormal basis ``Q_m = [q_1 .. q_m]`` of the Krylov space ``span{q_1, H q_1, .., H^{m-1} q_1}``
@@ -12,7 +12,8 @@ If ``T_m = S \\Theta S^T``, the Ritz pairs ``(\\theta_j, x_j = Q_m s_j)`` have r
 
 which need no further products with ``H``. The extreme Ritz values converge first, from inside:
 the largest towards ``lambda_max``, the smallest (most negative) towards ``lambda_min`` (power
-iteration only finds the eigenvalue of largest magnitude).
+iteration only finds the eigenvalue of largest magnitude). :mod:`landscape.eigen` turns this into
+the extreme eigenpairs, :mod:`landscape.slq` into spectral densities.
 
 Choices, and why:
 
@@ -27,11 +28,6 @@ Choices, and why:
   besides the products.
 * The basis and the recurrence (``alpha``, ``beta``, ``T``) are float64 whatever the operator's
   dtype, and ``T`` is diagonalised by ``scipy.linalg.eigh_tridiagonal`` (LAPACK ``stemr``).
-* Hand-written rather than ``scipy.sparse.linalg.eigsh`` (ARPACK): ARPACK's implicit restarts
-  spend HVPs on restarts, its stopping rule is relative to each eigenvalue (hopeless for
-  eigenvalues near 0) and it reports no residuals; here every step is one HVP, the stopping rule is
-  the Ritz residual relative to ``||H||_2``, and each eigenvalue's residual is reported. The
-  benchmark compares both.
 * Several independent start vectors can run side by side (the SLQ probes): their products with
   ``H`` are one block product, which shares forward passes.
 * Breakdown (``beta`` ~ 0: the Krylov space is invariant) restarts with a random vector orthogonal
@@ -41,15 +37,14 @@ Choices, and why:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
 import scipy.linalg
 import torch
 
-__all__ = ["lanczos", "LanczosResult", "extreme_eigenpairs", "EigenResult", "tridiagonal_eigh",
-           "operator_size", "operator_matmat"]
+__all__ = ["lanczos", "LanczosResult", "tridiagonal_eigh", "operator_size", "operator_matmat"]
 
 Matmat = Callable[[torch.Tensor], torch.Tensor]
 
@@ -119,6 +114,103 @@ def _project_out(w: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
     return torch.baddbmm(w.unsqueeze(1), coefficients, Q, alpha=-1).squeeze(1)
 
 
+class _Runs:
+    """The state of ``p`` Lanczos runs side by side (see :func:`lanczos`): their bases, the
+    recurrence's ``alpha`` and ``beta``, and which runs are still going."""
+
+    def __init__(self, start: torch.Tensor, steps: int, keep_basis: bool, device,
+                 breakdown: float):
+        p, n = start.shape
+        # Every row a run reads has been written first, so only a returned basis needs zeros
+        # (the rows past a stopped run's length).
+        allocate = torch.zeros if keep_basis else torch.empty
+        self.basis = allocate(p, steps, n, dtype=torch.float64, device=device)
+        self.alphas = np.full((p, steps), np.nan)
+        self.betas = np.zeros((p, steps))
+        self.lengths = np.zeros(p, dtype=np.int64)
+        self.norms = np.zeros(p)  # running estimate of ||T|| per run, for the breakdown test
+        q = start.to(device, torch.float64)
+        self.q = q / torch.linalg.vector_norm(q, dim=1, keepdim=True)
+        self.rows = np.arange(p)  # the runs still going (all, unless restart is False)
+        self.index = slice(None)  # rows as an index of the bases: a slice (a view) while all run
+        self.beta_prev = torch.zeros(p, 1, dtype=torch.float64, device=device)  # beta_{j-1}
+        self.device, self.breakdown, self.hvps = device, breakdown, 0
+
+    def step(self, j: int, matmat: Matmat) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        """Step ``j`` of every active run: ``(w, beta, broke)``, the next unnormalised vectors,
+        their norms and which runs broke down."""
+        self.basis[self.index, j] = self.q
+        w = matmat(self.q.T.contiguous()).T.to(self.device, torch.float64)  # (a, n)
+        self.hvps += self.rows.size
+        alpha = torch.linalg.vecdot(self.q, w).unsqueeze(1)  # (a, 1): q_j^T H q_j
+        # The three-term recurrence w = H q_j - alpha_j q_j - beta_{j-1} q_{j-1} removes the
+        # large components first (q_{j-1} is zero at j = 0 and beta_{j-1} is zero after a
+        # restart), so that full re-orthogonalisation against q_1..q_j only has rounding errors
+        # left to remove: one classical Gram-Schmidt pass, w <- w - Q (Q^T w), for all runs at
+        # once (two batched matrix products over the (a, j+1, n) bases).
+        w = torch.addcmul(w, alpha, self.q, value=-1)
+        if j:
+            w = torch.addcmul(w, self.beta_prev, self.basis[self.index, j - 1], value=-1)
+        Q = self.basis[self.index, :j + 1]  # (a, j+1, n)
+        before = torch.linalg.vector_norm(w, dim=1)
+        w = _project_out(w, Q)
+        beta = torch.linalg.vector_norm(w, dim=1)
+        # One host transfer per step (alpha, the norms before and after the pass).
+        alpha_np, before_np, beta_np = torch.stack(
+            [alpha.squeeze(1), before, beta]).cpu().numpy()
+        # "Twice is enough" (Daniel, Gragg, Kaufman & Stewart 1976): if the pass cancelled much
+        # of w (||w|| fell below ||w_before|| / sqrt(2)), what is left may hold relative errors
+        # of order eps ||w_before|| / ||w||: project once more, as CGS2 always would.
+        if (beta_np < before_np * np.sqrt(0.5)).any():
+            w = _project_out(w, Q)
+            beta = torch.linalg.vector_norm(w, dim=1)
+            beta_np = beta.cpu().numpy()
+        rows = self.rows
+        self.alphas[rows, j], self.betas[rows, j], self.lengths[rows] = alpha_np, beta_np, j + 1
+        size = np.abs(alpha_np) + (np.maximum(beta_np, self.betas[rows, j - 1]) if j else beta_np)
+        self.norms[rows] = np.maximum(self.norms[rows], size)
+        return w, beta, beta_np <= self.breakdown * np.maximum(self.norms[rows], 1e-300)
+
+    def advance(self, j: int, w: torch.Tensor, beta: torch.Tensor, broke: np.ndarray,
+                restart: bool, generator: torch.Generator) -> bool:
+        """Sets the next ``q`` of every run: ``w / beta``, a fresh vector orthogonal to the
+        basis at a breakdown (``restart``), or none (the run stops). False when none is left."""
+        self.beta_prev = beta.unsqueeze(1)
+        if not broke.any():
+            self.q = w / self.beta_prev
+            return True
+        # A breakdown (rare): beta = 1 only to avoid dividing by zero; the run restarts or stops.
+        self.beta_prev = torch.where(torch.as_tensor(broke, device=self.device).unsqueeze(1),
+                                     torch.zeros_like(self.beta_prev), self.beta_prev)
+        new_q = w / torch.where(self.beta_prev == 0, torch.ones_like(self.beta_prev),
+                                self.beta_prev)
+        for slot in np.flatnonzero(broke):
+            row = self.rows[slot]
+            self.betas[row, j] = 0.0
+            if restart:
+                fresh = _gaussian(w.shape[1], 1, generator)[0].to(self.device)
+                basis_row = self.basis[row, :j + 1]
+                for _ in range(2):
+                    fresh = fresh - basis_row.T @ (basis_row @ fresh)
+                new_q[slot] = fresh / fresh.norm()
+        if not restart:
+            keep = torch.as_tensor(np.flatnonzero(~broke), device=self.device)
+            self.rows = self.rows[~broke]
+            if self.rows.size == 0:
+                return False
+            # Only the stopped runs' rows go; the others keep their q and beta_{j-1}. Indexing
+            # copies the bases at each step from here on, so the slice is kept while it can be.
+            self.index = torch.as_tensor(self.rows, device=self.device)
+            new_q, self.beta_prev = new_q[keep], self.beta_prev[keep]
+        self.q = new_q
+        return True
+
+    def result(self, keep_basis: bool) -> LanczosResult:
+        m = int(self.lengths.max())
+        return LanczosResult(self.alphas[:, :m], self.betas[:, :m], self.lengths,
+                             self.basis[:, :m] if keep_basis else None, self.hvps)
+
+
 def lanczos(matmat: Matmat, start: torch.Tensor, steps: int, *, keep_basis: bool = False,
             restart: bool = True, seed: int = 0,
             stop: Optional[Callable[[np.ndarray, np.ndarray, int], bool]] = None,
@@ -146,6 +238,12 @@ def lanczos(matmat: Matmat, start: torch.Tensor, steps: int, *, keep_basis: bool
 
     Returns:
         A :class:`LanczosResult`.
+
+    Example:
+        >>> H = torch.diag(torch.arange(1.0, 6.0, dtype=torch.float64))
+        >>> result = lanczos(lambda V: H @ V, torch.ones(1, 5, dtype=torch.float64), 5)
+        >>> np.round(tridiagonal_eigh(*result.tridiagonal(0))[0], 12).tolist()
+        [1.0, 2.0, 3.0, 4.0, 5.0]
     """
     if start.ndim != 2:
         raise ValueError("start must have shape (p, n)")
@@ -153,237 +251,27 @@ def lanczos(matmat: Matmat, start: torch.Tensor, steps: int, *, keep_basis: bool
     steps = int(min(steps, n))
     if steps < 1:
         raise ValueError("steps must be >= 1")
-    device = device or start.device
+    runs = _Runs(start, steps, keep_basis, device or start.device,
+                 100 * torch.finfo(operator_dtype).eps)
     generator = torch.Generator().manual_seed(int(seed))
-    breakdown = 100 * torch.finfo(operator_dtype).eps
-
-    # Every row a run reads has been written first, so only a returned basis needs zeros (the
-    # rows past a stopped run's length).
-    allocate = torch.zeros if keep_basis else torch.empty
-    basis = allocate(p, steps, n, dtype=torch.float64, device=device)
-    alphas = np.full((p, steps), np.nan)
-    betas = np.zeros((p, steps))
-    lengths = np.zeros(p, dtype=np.int64)
-    norms = np.zeros(p)  # running estimate of ||T|| per run, for the breakdown test
-    q = start.to(device, torch.float64)
-    q = q / torch.linalg.vector_norm(q, dim=1, keepdim=True)
-    rows = np.arange(p)  # the runs still going (all, unless restart is False)
-    index = slice(None)  # rows as an index of the bases: a slice (a view) while all run
-    beta_prev = torch.zeros(p, 1, dtype=torch.float64, device=device)  # beta_{j-1} per run
-    hvps = 0
     for j in range(steps):
-        basis[index, j] = q
-        w = matmat(q.T.contiguous()).T.to(device, torch.float64)  # (a, n)
-        hvps += rows.size
-        alpha = torch.linalg.vecdot(q, w).unsqueeze(1)  # (a, 1): q_j^T H q_j
-        # The three-term recurrence w = H q_j - alpha_j q_j - beta_{j-1} q_{j-1} removes the
-        # large components first (q_{j-1} is zero at j = 0 and beta_{j-1} is zero after a
-        # restart), so that full re-orthogonalisation against q_1..q_j only has rounding errors
-        # left to remove: one classical Gram-Schmidt pass, w <- w - Q (Q^T w), for all runs at
-        # once (two batched matrix products over the (a, j+1, n) bases).
-        w = torch.addcmul(w, alpha, q, value=-1)
-        if j:
-            w = torch.addcmul(w, beta_prev, basis[index, j - 1], value=-1)
-        Q = basis[index, :j + 1]  # (a, j+1, n)
-        before = torch.linalg.vector_norm(w, dim=1)
-        w = _project_out(w, Q)
-        beta = torch.linalg.vector_norm(w, dim=1)
-        # One host transfer per step (alpha, the norms before and after the pass).
-        alpha_np, before_np, beta_np = torch.stack(
-            [alpha.squeeze(1), before, beta]).cpu().numpy()
-        # "Twice is enough" (Daniel, Gragg, Kaufman & Stewart 1976): if the pass cancelled much
-        # of w (||w|| fell below ||w_before|| / sqrt(2)), what is left may hold relative errors
-        # of order eps ||w_before|| / ||w||: project once more, as CGS2 always would.
-        if (beta_np < before_np * np.sqrt(0.5)).any():
-            w = _project_out(w, Q)
-            beta = torch.linalg.vector_norm(w, dim=1)
-            beta_np = beta.cpu().numpy()
-        alphas[rows, j] = alpha_np
-        betas[rows, j] = beta_np
-        lengths[rows] = j + 1
-        size = np.abs(alpha_np) + (np.maximum(beta_np, betas[rows, j - 1]) if j else beta_np)
-        norms[rows] = np.maximum(norms[rows], size)
-        broke = beta_np <= breakdown * np.maximum(norms[rows], 1e-300)
+        w, beta, broke = runs.step(j, matmat)
         # At a breakdown every Ritz residual is ~0, yet the invariant subspace found need not
         # hold the wanted eigenvalues (nor every copy of a repeated one): never stop there when
         # a restart can explore the rest.
         if (p == 1 and stop is not None and not (restart and broke[0])
-                and stop(alphas[0, :j + 1], betas[0, :j + 1], j + 1)):
+                and stop(runs.alphas[0, :j + 1], runs.betas[0, :j + 1], j + 1)):
             break
-        if j + 1 == steps:
+        if j + 1 == steps or not runs.advance(j, w, beta, broke, restart, generator):
             break
-        beta_prev = beta.unsqueeze(1)
-        if not broke.any():
-            q = w / beta_prev
-            continue
-        # A breakdown (rare): beta = 1 only to avoid dividing by zero; the run restarts or stops.
-        beta_prev = torch.where(torch.as_tensor(broke, device=device).unsqueeze(1),
-                                torch.zeros_like(beta_prev), beta_prev)
-        new_q = w / torch.where(beta_prev == 0, torch.ones_like(beta_prev), beta_prev)
-        for slot in np.flatnonzero(broke):
-            row = rows[slot]
-            betas[row, j] = 0.0
-            if restart:
-                fresh = _gaussian(n, 1, generator)[0].to(device)
-                basis_row = basis[row, :j + 1]
-                for _ in range(2):
-                    fresh = fresh - basis_row.T @ (basis_row @ fresh)
-                new_q[slot] = fresh / fresh.norm()
-        if not restart:
-            keep = torch.as_tensor(np.flatnonzero(~broke), device=device)
-            rows = rows[~broke]
-            if rows.size == 0:
-                break
-            # Only the stopped runs' rows go; the others keep their q and beta_{j-1}. Indexing
-            # copies the bases at each step from here on, so the slice is kept while it can be.
-            index = torch.as_tensor(rows, device=device)
-            new_q, beta_prev = new_q[keep], beta_prev[keep]
-        q = new_q
-    m = int(lengths.max())
-    return LanczosResult(alphas[:, :m], betas[:, :m], lengths,
-                         basis[:, :m] if keep_basis else None, hvps)
+    return runs.result(keep_basis)
 
 
-@dataclass(frozen=True)
-class EigenResult:
-    """Extreme eigenpairs of a symmetric operator, from one Lanczos run.
+def __getattr__(name: str):
+    # The extreme eigenpairs lived here before landscape.eigen; the old import path still works
+    # (imported on first use: landscape.eigen imports this module).
+    if name in ("EigenResult", "extreme_eigenpairs"):
+        from landscape import eigen
 
-    Attributes:
-        top: the ``k_top`` largest eigenvalues, descending (``top[0] = lambda_max``).
-        bottom: the ``k_bottom`` smallest (most negative), ascending (``bottom[0] = lambda_min``).
-        top_vectors: ``(k_top, n)`` float64 unit Ritz vectors (torch, on the basis device), row
-            ``i`` belonging to ``top[i]``; the flat parameter layout of the operator.
-        bottom_vectors: ``(k_bottom, n)``, likewise.
-        top_residuals: ``||H x - theta x||`` of each top pair (``beta_m |e_m^T s|``).
-        bottom_residuals: likewise.
-        tolerance: the absolute residual threshold used, ``tol * max |theta|``.
-        steps: Lanczos steps taken (= HVPs).
-        hvps: products with the operator.
-        ritz_values: all Ritz values of the last step, ascending.
-    """
-
-    top: np.ndarray
-    bottom: np.ndarray
-    top_vectors: torch.Tensor
-    bottom_vectors: torch.Tensor
-    top_residuals: np.ndarray
-    bottom_residuals: np.ndarray
-    tolerance: float
-    steps: int
-    hvps: int
-    ritz_values: np.ndarray = field(repr=False)
-
-    @property
-    def top_converged(self) -> np.ndarray:
-        return self.top_residuals <= self.tolerance
-
-    @property
-    def bottom_converged(self) -> np.ndarray:
-        return self.bottom_residuals <= self.tolerance
-
-    @property
-    def converged(self) -> bool:
-        """Whether every requested eigenvalue's residual is within ``tolerance``."""
-        return bool(self.top_converged.all() and self.bottom_converged.all())
-
-    @property
-    def residuals(self) -> dict[str, list[float]]:
-        return {"top": self.top_residuals.tolist(), "bottom": self.bottom_residuals.tolist()}
-
-    @property
-    def lambda_max(self) -> float:
-        return float(self.top[0]) if self.top.size else float(self.ritz_values[-1])
-
-    @property
-    def lambda_min(self) -> float:
-        return float(self.bottom[0]) if self.bottom.size else float(self.ritz_values[0])
-
-    @property
-    def ratio(self) -> float:
-        """The saddle indicator ``lambda_min / lambda_max`` (negative at a saddle)."""
-        return self.lambda_min / self.lambda_max
-
-
-def extreme_eigenpairs(op, top: int = 1, bottom: int = 1, *, tol: float = 1e-6,
-                       max_steps: int = 300, seed: int = 0,
-                       start: Optional[torch.Tensor] = None) -> EigenResult:
-    """The ``top`` largest and ``bottom`` smallest eigenpairs of a symmetric operator.
-
-    Lanczos steps (one HVP each) run until every wanted Ritz pair has residual
-    ``||H x - theta x|| <= tol * max_j |theta_j|`` (relative to the ``||H||_2`` estimate), or
-    ``max_steps``. A residual ``r`` bounds the eigenvalue error by ``r``, and by ``r^2 / gap``
-    when the eigenvalue is separated from the rest of the spectrum by ``gap``.
-
-    Args:
-        op: a :class:`landscape.hvp.GroupHessian`, a dense symmetric tensor, or anything with
-            ``matmat`` and ``n_params`` or ``shape``.
-        top: number of largest eigenvalues (0 for none).
-        bottom: number of smallest eigenvalues (0 for none).
-        tol: relative residual tolerance.
-        max_steps: at most this many HVPs (capped at ``n``).
-        seed: seeds the Gaussian start vector (drawn on the CPU in float64, so the same seed
-            gives the same vector on every device).
-        start: an explicit start vector instead.
-
-    Raises:
-        ValueError: ``top`` or ``bottom`` negative or larger than ``n``.
-    """
-    n = operator_size(op)
-    top, bottom = int(top), int(bottom)
-    if top < 0 or bottom < 0:
-        raise ValueError("top and bottom must be >= 0")
-    if top > n or bottom > n:
-        raise ValueError(f"k = {max(top, bottom)} is larger than the parameter count {n}")
-    wanted = min(top + bottom, n)
-    max_steps = int(min(max(max_steps, wanted, 1), n))
-    if start is None:
-        start = _gaussian(n, 1, torch.Generator().manual_seed(int(seed)))
-    start = start.reshape(1, n)
-    device = getattr(op, "device", None)
-    op_dtype = getattr(op, "dtype", torch.float64)
-
-    def done(alphas: np.ndarray, betas: np.ndarray, m: int) -> bool:
-        if m < max(wanted, 1):
-            return False
-        if m == n:
-            return True
-        theta, s = tridiagonal_eigh(alphas, betas[:-1])
-        residual = betas[-1] * np.abs(s[-1])
-        threshold = tol * np.abs(theta).max()
-        chosen = np.r_[np.arange(bottom), np.arange(m - top, m)]
-        if not (residual[chosen] <= threshold).all():
-            return False
-        # After a restart (a zero coupling) the Ritz values of the earlier blocks are exact,
-        # but the complement they leave is known only through the current block: its extreme
-        # Ritz values must converge too, or a larger (smaller) eigenvalue may still be hidden
-        # there (e.g. the second copy of a repeated eigenvalue).
-        zeros = np.flatnonzero(betas[:-1] == 0)
-        if zeros.size == 0:
-            return True
-        first = int(zeros[-1]) + 1
-        block_theta, block_s = tridiagonal_eigh(alphas[first:], betas[first:-1])
-        block_residual = betas[-1] * np.abs(block_s[-1])
-        return bool(block_residual[0] <= threshold and block_residual[-1] <= threshold)
-
-    result = lanczos(operator_matmat(op), start, max_steps, keep_basis=True, seed=seed + 1,
-                     stop=done, device=device, operator_dtype=op_dtype)
-    alphas, betas = result.tridiagonal(0)
-    m = int(result.lengths[0])
-    theta, s = tridiagonal_eigh(alphas, betas)
-    beta_last = 0.0 if m == n else float(result.betas[0, m - 1])
-    residual = beta_last * np.abs(s[-1])
-    threshold = tol * float(np.abs(theta).max())
-    top_idx = np.arange(m - 1, m - 1 - min(top, m), -1)
-    bottom_idx = np.arange(min(bottom, m))
-    basis = result.basis[0]  # (m, n)
-    s_t = torch.as_tensor(s, device=basis.device)
-
-    def vectors(idx: np.ndarray) -> torch.Tensor:
-        if idx.size == 0:
-            return torch.zeros(0, n, dtype=torch.float64, device=basis.device)
-        return (basis.T @ s_t[:, torch.as_tensor(idx.copy(), device=basis.device)]).T.contiguous()
-
-    return EigenResult(top=theta[top_idx], bottom=theta[bottom_idx],
-                       top_vectors=vectors(top_idx), bottom_vectors=vectors(bottom_idx),
-                       top_residuals=residual[top_idx], bottom_residuals=residual[bottom_idx],
-                       tolerance=threshold, steps=m, hvps=result.hvps, ritz_values=theta)
+        return getattr(eigen, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -299,7 +299,7 @@ def plot_group_densities_html(densities, path: PathLike,
 
 
 # --------------------------------------------------------------------------------------------
-# Spectral densities (landscape.spectrum.slq): head and tail on one figure, as in the Saddle-SAM
+# Spectral densities (landscape.slq): head and tail on one figure, as in the Saddle-SAM
 # figures: symmetric-log eigenvalue axis, log density axis.
 
 DENSITY_FLOOR = 1e-7  # the log axis shows density + 0 down to here (PyHessian's plots add 1e-7)

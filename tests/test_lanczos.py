@@ -15,7 +15,8 @@ import torch
 
 import landscape
 from landscape.hvp import GroupHessian
-from landscape.lanczos import extreme_eigenpairs, lanczos
+from landscape.eigen import extreme_eigenpairs
+from landscape.lanczos import lanczos
 
 from _reference import CNN_GROUP, dense_eigh, dense_group_hessian, symmetric
 

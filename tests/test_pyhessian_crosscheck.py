@@ -18,8 +18,8 @@ import torch
 
 import landscape
 from landscape.hvp import GroupHessian
-from landscape.lanczos import extreme_eigenpairs
-from landscape.spectrum import slq
+from landscape.eigen import extreme_eigenpairs
+from landscape.slq import slq
 
 from _reference import CNN_GROUP, dense_eigh, dense_group_hessian
 
@@ -68,7 +68,7 @@ def test_trace_agrees_with_pyhessian_within_standard_errors(runs):
     theirs, theirs_stderr = samples.mean(), samples.std(ddof=1) / np.sqrt(samples.size)
     assert samples.size == 60
     assert abs(theirs - exact) < 4 * theirs_stderr
-    from landscape.spectrum import hutchpp_trace
+    from landscape.traces import hutchpp_trace
 
     ours = hutchpp_trace(GroupHessian.from_run(run, group), 60, seed=0)
     assert abs(ours.value - theirs) < 4 * np.hypot(ours.stderr, theirs_stderr)

@@ -15,8 +15,8 @@ import torch
 
 import landscape
 from landscape.hvp import GroupHessian
-from landscape.spectrum import (gaussian_density, hutchinson_trace, hutchpp_trace,
-                                rademacher_probes, slq)
+from landscape.slq import gaussian_density, slq
+from landscape.traces import hutchinson_trace, hutchpp_trace, rademacher_probes
 
 from _reference import dense_group_hessian, symmetric
 
