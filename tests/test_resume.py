@@ -186,6 +186,52 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
+def _user_files(folder: Path) -> dict[str, bytes]:
+    """What a user or an analysis might keep in a run folder, under names near the run's."""
+    folder.mkdir(parents=True, exist_ok=True)
+    before = set(folder.rglob("*"))
+    for sub in ("hessian", "spectrum", "surface"):  # analysis outputs
+        (folder / sub).mkdir()
+        (folder / sub / "result.json").write_text("{}")
+    (folder / "notes.txt").write_text("mine")
+    (folder / "epoch_0001.pt.bak").write_bytes(b"a backup")  # not epoch_NNNN.pt
+    (folder / ".config.json.swp").write_bytes(b"an editor's")  # not a .NAME.XXXXXXXX.tmp
+    return {str(p.relative_to(folder)): p.read_bytes()
+            for p in sorted(set(folder.rglob("*")) - before) if p.is_file()}
+
+
+def _kept(folder: Path, files: dict[str, bytes]) -> bool:
+    return all((folder / name).read_bytes() == data for name, data in files.items())
+
+
+def test_overwrite_removes_only_the_runs_files_and_names_the_rest(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train_main(ARGS + ["--epochs", "2", "--out", str(run)]) == 0
+    mine = _user_files(run)
+    capsys.readouterr()
+    assert train_main(ARGS + ["--epochs", "1", "--out", str(run), "--overwrite"]) == 0
+    assert _kept(run, mine)
+    own = sorted(p.name for p in run.iterdir() if p.is_file() and p.name not in mine)
+    assert len(mine) == 6
+    assert own == ["checkpoints.json", "config.json", "epoch_0000.pt", "epoch_0001.pt",
+                   "metrics.jsonl"]  # epoch 2 of the old run is gone
+    assert json.loads((run / "config.json").read_text())["epochs"] == 1
+    said = [line for line in capsys.readouterr().err.splitlines() if "--overwrite" in line]
+    assert len(said) == 1, said
+    for name in (".config.json.swp", "epoch_0001.pt.bak", "hessian", "notes.txt", "spectrum",
+                 "surface"):
+        assert name in said[0]
+
+
+def test_overwrite_of_a_folder_without_a_run_deletes_nothing(tmp_path, capsys):
+    folder = tmp_path / "not-a-run"
+    mine = _user_files(folder)
+    assert train_main(ARGS + ["--epochs", "1", "--out", str(folder), "--overwrite"]) == 0
+    assert _kept(folder, mine)
+    said = [line for line in capsys.readouterr().err.splitlines() if "--overwrite" in line]
+    assert len(said) == 1 and "nothing removed" in said[0] and "notes.txt" in said[0], said
+
+
 def test_existing_run_is_never_overwritten_without_resume_or_overwrite(tmp_path, capsys):
     run = tmp_path / "run"
     assert train_main(ARGS + ["--epochs", "2", "--out", str(run)]) == 0
@@ -208,9 +254,8 @@ def test_existing_run_is_never_overwritten_without_resume_or_overwrite(tmp_path,
     _one_error_line(capsys)
     assert (partial / "metrics.jsonl").read_text() == '{"epoch": 1}\n'
 
-    # --overwrite replaces the run (and its analysis folders); --resume of a finished run is a
-    # no-op that leaves every checkpoint as it was.
-    (run / "hessian").mkdir()
+    # --overwrite replaces the run (what else is in the folder stays: next test); --resume of a
+    # finished run is a no-op that leaves every checkpoint as it was.
     assert train_main(ARGS + ["--epochs", "1", "--out", str(run), "--overwrite"]) == 0
     assert sorted(p.name for p in run.iterdir()) == [
         "checkpoints.json", "config.json", "epoch_0000.pt", "epoch_0001.pt", "metrics.jsonl"]

@@ -1,12 +1,7 @@
-"""Run folders: atomic files, checkpoints with recorded digests, and safe loading.
+"""Run folders: checkpoints with recorded digests, safe loading, config and metrics files.
 
-A run folder holds::
-
-    config.json         everything needed to rebuild the data, the model and the groups
-    metrics.jsonl       one JSON line per finished epoch
-    epoch_NNNN.pt       a checkpoint after NNNN finished epochs (0000: the initial weights)
-    checkpoints.json    the manifest: for each checkpoint its SHA-256, size and epoch
-
+The files of a run folder are named in :mod:`train.run_folder` (``config.json``,
+``metrics.jsonl``, ``epoch_NNNN.pt``, the manifest ``checkpoints.json``).
 Every file is written through :mod:`train.io` (a temporary file ``.NAME.XXXXXXXX.tmp`` in the
 same folder, flushed, fsynced and renamed), so it is complete on disk or absent; a kill can leave
 such a temporary file behind, which every reader ignores and :func:`clean_stale_temps` removes
@@ -41,6 +36,7 @@ import torch
 # The file-writing library moved to train.io; these names stay importable from here.
 from train.io import (TEMP_RE, append_line, atomic_write_bytes, atomic_write_json,  # noqa: F401
                       atomic_write_text, atomic_writer, summarize, write_lines)
+from train.run_folder import CHECKPOINT_RE, CONFIG, MANIFEST, METRICS, checkpoint_name, is_own_temp
 
 __all__ = [
     "CheckpointError", "summarize", "atomic_write_bytes", "atomic_write_json", "atomic_write_text",
@@ -50,8 +46,6 @@ __all__ = [
 ]
 
 FORMAT = "sse-sam-checkpoint/1"
-CHECKPOINT_RE = re.compile(r"^epoch_(\d{4,})\.pt$")
-MANIFEST = "checkpoints.json"
 _JSON_ERRORS = (OSError, ValueError, UnicodeDecodeError, RecursionError)
 
 
@@ -61,7 +55,7 @@ class CheckpointError(ValueError):
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
     """The complete lines of ``metrics.jsonl`` (a torn last line is skipped)."""
-    path = Path(run_dir) / "metrics.jsonl"
+    path = Path(run_dir) / METRICS
     if not path.is_file():
         return []
     rows = []
@@ -76,7 +70,7 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
 
 
 def read_config(run_dir: str | os.PathLike) -> dict:
-    path = Path(run_dir) / "config.json"
+    path = Path(run_dir) / CONFIG
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -91,7 +85,7 @@ def read_config(run_dir: str | os.PathLike) -> dict:
 
 
 def checkpoint_path(run_dir: str | os.PathLike, epoch: int) -> Path:
-    return Path(run_dir) / f"epoch_{epoch:04d}.pt"
+    return Path(run_dir) / checkpoint_name(epoch)
 
 
 def _sha256(data: bytes) -> str:
@@ -200,10 +194,7 @@ def clean_stale_temps(run_dir: str | os.PathLike) -> list[Path]:
     run_dir = Path(run_dir)
     removed = []
     for entry in run_dir.iterdir() if run_dir.is_dir() else []:
-        match = TEMP_RE.match(entry.name)
-        if match and entry.is_file() and (
-                match.group("name") in (MANIFEST, "config.json", "metrics.jsonl")
-                or CHECKPOINT_RE.match(match.group("name"))):
+        if is_own_temp(entry.name) and entry.is_file():
             with contextlib.suppress(FileNotFoundError):
                 entry.unlink()
                 removed.append(entry)

@@ -13,7 +13,6 @@ what the uninterrupted run would have done.
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch.nn as nn
 
 from train import checkpoint as ckpt
 from train import distributed
+from train import run_folder as files
 from train.config import Config, ConfigError, identity_changes
 from train.data import LongTailData, accuracy_splits, epoch_generator, load_dataset, normalize, \
     train_batches
@@ -180,9 +180,8 @@ class Trainer:
 
 def _prepare_folder(config: Config, out: Path, resume: bool, overwrite: bool) -> int:
     """Checks / clears the run folder; returns the number of epochs already done."""
-    existing = out / "config.json"
-    has_run = any((out / name).exists() for name in ("config.json", "metrics.jsonl", ckpt.MANIFEST)
-                  ) or bool(ckpt.list_checkpoints(out))
+    existing = out / files.CONFIG
+    has_run = files.holds_run(out)
     if resume:
         if not has_run:
             return -1  # nothing to resume: start fresh
@@ -272,28 +271,28 @@ def train(config: Config, out: str | Path, resume: bool = False, overwrite: bool
         if stale:
             log(f"removed {len(stale)} stale temporary file(s) from {out}")
         if start == 0:
-            if out.exists() and overwrite:
-                _clear_run(out)
+            if overwrite:
+                _clear_run(out, log)
             out.mkdir(parents=True, exist_ok=True)
-            ckpt.atomic_write_json(out / "config.json", config.to_json())
-            ckpt.atomic_write_bytes(out / "metrics.jsonl", b"")
+            ckpt.atomic_write_json(out / files.CONFIG, config.to_json())
+            ckpt.atomic_write_bytes(out / files.METRICS, b"")
             ckpt.save_checkpoint(out, 0, trainer.state())
         else:  # drop metrics of epochs after the checkpoint: they are about to be redone
             rows = [r for r in ckpt.read_metrics(out) if r.get("epoch", 0) <= start]
-            ckpt.write_lines(out / "metrics.jsonl", rows)
+            ckpt.write_lines(out / files.METRICS, rows)
     _run_epochs(trainer, out, start, progress, log, is_writer)
     return out
 
 
-def _clear_run(out: Path) -> None:
-    # Newest checkpoints first and the config last: a kill part-way leaves a resumable run.
-    for _, path in reversed(ckpt.list_checkpoints(out)):
-        path.unlink()
-    for name in (ckpt.MANIFEST, "metrics.jsonl", "config.json"):
-        (out / name).unlink(missing_ok=True)
-    for sub in ("hessian", "spectrum", "surface"):
-        if (out / sub).is_dir():
-            shutil.rmtree(out / sub)
+def _clear_run(out: Path, log: Callable[[str], None]) -> None:
+    """``--overwrite``: removes the trainer's own files of the run in ``out``, and says in one
+    line what it leaves there (nothing at all is removed from a folder without a run)."""
+    had_run = files.holds_run(out)
+    kept = files.clear_run(out)
+    if kept:
+        shown = ", ".join(kept[:8]) + (f" and {len(kept) - 8} more" if len(kept) > 8 else "")
+        what = "the run's files removed" if had_run else "no run there, nothing removed"
+        log(f"--overwrite: {what}; kept in {out} what the trainer did not write: {shown}")
 
 
 def _run_epochs(trainer: Trainer, out: Path, start: int, progress: bool, log, is_writer: bool):
@@ -313,7 +312,7 @@ def _run_epochs(trainer: Trainer, out: Path, start: int, progress: bool, log, is
         bar.set_postfix(loss=f"{train_loss:.3f}", acc=f"{accuracy['acc']:.1f}")
         if not is_writer:
             continue
-        ckpt.append_line(out / "metrics.jsonl", row)
+        ckpt.append_line(out / files.METRICS, row)
         if (epoch + 1) % config.save_every == 0 or epoch + 1 == config.epochs:
             ckpt.save_checkpoint(out, epoch + 1, trainer.state())
     bar.close()
