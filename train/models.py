@@ -134,11 +134,13 @@ class ModelError(ValueError):
 
 
 def build_model(name: str, in_shape: tuple[int, int, int], num_classes: int,
-                width: int | None = None, seed: int | None = None) -> nn.Module:
+                width: int | None = None, seed: int | None = None,
+                init: str = "ours") -> nn.Module:
     """Builds a model; with ``seed``, its initial weights are a function of the seed alone.
 
     The initialisation runs under ``torch.random.fork_rng`` so that the global generator is left
-    as it was (no hidden global state changes).
+    as it was (no hidden global state changes). ``init="seed"`` re-initialises it by the SSE-SAM
+    code's rule (:func:`train.protocol.init_seed_`) from the same generator.
     """
     check_choice("model", name, ModelError)
     width = DEFAULT_WIDTH[name] if width is None else int(width)
@@ -147,7 +149,12 @@ def build_model(name: str, in_shape: tuple[int, int, int], num_classes: int,
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(seed)
-        return BUILDERS[name](tuple(in_shape), num_classes, width)
+        model = BUILDERS[name](tuple(in_shape), num_classes, width)
+        if init == "seed":
+            from train.protocol import init_seed_
+
+            init_seed_(model)
+        return model
 
 
 def count_parameters(model: nn.Module) -> int:
