@@ -51,8 +51,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-__all__ = ["FolderIndex", "scan", "load_folder", "folder_spec", "default_cache_dir",
-           "CACHE_FORMAT"]
+__all__ = ["FolderIndex", "scan", "kept_training", "load_folder", "folder_spec",
+           "default_cache_dir", "CACHE_FORMAT"]
 
 CACHE_FORMAT = "sse-image-cache/1"
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
@@ -228,6 +228,34 @@ def folder_spec(name: str, num_classes: int, n_max: int, image_shape, mean, std)
                        few_below=max(1, n_max // 25), default_eta=max(1, n_max // 5))
 
 
+def kept_training(train: FolderIndex, test: FolderIndex, imb_factor: float, selection: str,
+                  listed: bool) -> tuple[np.ndarray, list[int]]:
+    """The long-tailed cut: positions in ``train`` of the kept images, and the class counts.
+
+    Folders (``listed`` false) are cut to the profile of the module docstring with
+    ``selection``; a list file (``listed`` true) is kept whole. Raises a one-line error when a
+    class is left with no training image or has no test image.
+    """
+    from train.data import _select, class_counts
+
+    labels = np.asarray(train.labels, dtype=np.int64)
+    available = np.bincount(labels, minlength=len(train.classes))
+    if not listed:
+        counts = class_counts(int(available.min()), len(train.classes), imb_factor)
+    else:
+        counts = [int(n) for n in available]
+    empty = [c for c, n in enumerate(counts) if n == 0]
+    if empty:
+        how = "no training images" if listed else (
+            f"no image left after the cut to imbalance factor {imb_factor:g}")
+        raise _error(f"class {train.classes[empty[0]]!r} has {how}")
+    no_test = sorted(set(range(len(train.classes))) - set(test.labels))
+    if no_test:
+        raise _error(f"class {train.classes[no_test[0]]!r} has no test images")
+    kept = np.arange(len(labels)) if listed else _select(labels, counts, selection)
+    return kept, counts
+
+
 def load_folder(data_dir, imb_factor: float = 1.0, selection: str = "first",
                 image_size: Optional[int] = None, train_list=None, test_list=None,
                 cache_dir=None):
@@ -244,27 +272,14 @@ def load_folder(data_dir, imb_factor: float = 1.0, selection: str = "first",
     Returns:
         The data, with ``.classes`` set to the class names.
     """
-    from train.data import LongTailData, _select, class_counts
+    from train.data import LongTailData
 
     if image_size is not None and image_size < 1:
         raise _error(f"image_size must be >= 1, got {image_size}")
     train, test = scan(data_dir, train_list, test_list)
     cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir)
+    kept, counts = kept_training(train, test, imb_factor, selection, train_list is not None)
     labels = np.asarray(train.labels, dtype=np.int64)
-    available = np.bincount(labels, minlength=len(train.classes))
-    if train_list is None:
-        counts = class_counts(int(available.min()), len(train.classes), imb_factor)
-    else:
-        counts = [int(n) for n in available]
-    empty = [c for c, n in enumerate(counts) if n == 0]
-    if empty:
-        how = "no training images" if train_list is not None else (
-            f"no image left after the cut to imbalance factor {imb_factor:g}")
-        raise _error(f"class {train.classes[empty[0]]!r} has {how}")
-    no_test = sorted(set(range(len(train.classes))) - set(test.labels))
-    if no_test:
-        raise _error(f"class {train.classes[no_test[0]]!r} has no test images")
-    kept = _select(labels, counts, selection) if train_list is None else np.arange(len(labels))
     train_images = _cached_images(train, image_size, cache_dir)
     test_images = _cached_images(test, image_size, cache_dir)
     if train_images.shape[1:] != test_images.shape[1:]:
