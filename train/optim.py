@@ -32,14 +32,14 @@ the forwards at perturbed weights use the batch statistics too but leave the run
 they were (the usual SAM practice). ``bn_update="all"`` keeps the seed code's behaviour, which
 also updates them at every perturbed weight.
 
-:class:`SSESAM` at the end is the seed code's optimizer API, for code written against it.
+The seed code's optimizer API, for code written against it, is :class:`train.seed_api.SSESAM`
+(also importable from here).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -48,7 +48,8 @@ import torch.nn as nn
 
 from train.options import OPTIMIZERS, check_choice
 
-__all__ = ["Preset", "preset", "switch_epoch", "GroupSAM", "SSESAM", "OPTIMIZERS"]
+__all__ = ["Preset", "preset", "switch_epoch", "GroupSAM", "group_sample_weights", "OptimError",
+           "OPTIMIZERS"]
 
 
 class OptimError(ValueError):
@@ -164,47 +165,52 @@ class GroupSAM:
              rhos: Sequence[float], sample_weights: torch.Tensor) -> torch.Tensor:
         r"""One optimizer step; returns the batch loss at ``w`` (a tensor, not synchronised).
 
+        .. math::
+            L_G(w) = \sum_i W_{G,i}\, l_i(w), \qquad
+            e_G = \rho_G \frac{\nabla L_G(w)}{\lVert \nabla L_G(w) \rVert + \epsilon},
+            \qquad g = \sum_G \nabla L_G(w + e_G),
+
+        then the base optimizer steps with :math:`g` (:math:`e_G = 0` when :math:`\rho_G = 0`).
+
         Args:
             inputs, targets: the batch.
             loss_fn: per-sample loss, ``(logits, targets) -> (B,)``.
-            rhos: radius of each group.
+            rhos: radius :math:`\rho_G` of each group.
             sample_weights: ``(num_groups, B)``; row ``G`` weighs sample ``i`` in
-                :math:`L_G = \sum_i W_{G,i}\, l_i` (``1/B`` for members, 0 otherwise).
+                :math:`L_G` (``1/B`` for members, 0 otherwise: :func:`group_sample_weights`).
         """
-        losses = self._forward_losses(inputs, targets, loss_fn)  # forward at w
-        group_losses = [(row * losses).sum() for row in sample_weights]
-        batch_loss = torch.stack(group_losses).detach().sum()
-        if all(r == 0 for r in rhos):  # plain SGD: one backward of the summed loss
-            total = self._grad(sum(group_losses), retain_graph=False)
+        losses = self._forward_losses(inputs, targets, loss_fn)  # l_i(w); BN statistics move
+        group_losses = [(row * losses).sum() for row in sample_weights]  # L_G(w)
+        if all(rho == 0 for rho in rhos):  # SGD: g = grad sum_G L_G(w), one backward
+            g = self._grad(sum(group_losses), retain_graph=False)
         else:
-            total = self._sam_gradient(inputs, targets, loss_fn, rhos, sample_weights,
-                                       group_losses)
-        for p, g in zip(self.params, total):
-            p.grad = g
+            # Every grad L_G(w) before w moves: the graph at w is unusable once w changed.
+            last = len(group_losses) - 1
+            grads_at_w = [self._grad(loss, retain_graph=G < last)
+                          for G, loss in enumerate(group_losses)]
+            g = [torch.zeros_like(p) for p in self.params]
+            for grad, rho, weights in zip(grads_at_w, rhos, sample_weights):
+                if rho != 0:  # grad L_G(w + e_G)
+                    grad = self._grad_at(self._perturbation(grad, rho), inputs, targets,
+                                         loss_fn, weights)
+                torch._foreach_add_(g, grad)
+        for p, g_p in zip(self.params, g):
+            p.grad = g_p
         self.base_optimizer.step()
-        return batch_loss
+        return torch.stack(group_losses).detach().sum()
 
-    def _sam_gradient(self, inputs, targets, loss_fn, rhos, sample_weights, group_losses):
-        # One backward per group at w: each is either the final gradient (rho = 0) or the
-        # direction of the group's perturbation.
-        at_w = [self._grad(loss, retain_graph=(g < len(group_losses) - 1))
-                for g, loss in enumerate(group_losses)]
-        total = [torch.zeros_like(p) for p in self.params]
-        for g, rho in enumerate(rhos):
-            if rho == 0:
-                torch._foreach_add_(total, at_w[g])
-                continue
-            torch._foreach_add_(total, self._gradient_at_perturbed(
-                at_w[g], rho, inputs, targets, loss_fn, sample_weights[g]))
-        return total
+    def _perturbation(self, grad: list[torch.Tensor], rho: float) -> list[torch.Tensor]:
+        """``e = rho * grad / (||grad|| + eps)``, one L2 norm over all parameters."""
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grad)))
+        return torch._foreach_mul(grad, rho / (norm + self.eps))
 
-    def _gradient_at_perturbed(self, direction, rho, inputs, targets, loss_fn, weights):
-        """``grad L_G(w + e_G)``, ``e_G = rho * d / (||d|| + eps)``; ``w`` restored exactly."""
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(direction)))
-        scale = rho / (norm + self.eps)
+    def _grad_at(self, e: list[torch.Tensor], inputs, targets, loss_fn, weights
+                 ) -> list[torch.Tensor]:
+        """``grad L_G(w + e)`` (BatchNorm running statistics kept unless ``bn_update="all"``);
+        ``w`` is restored exactly, not by subtraction."""
         saved = [p.detach().clone() for p in self.params]
         with torch.no_grad():
-            torch._foreach_add_(self.params, torch._foreach_mul(direction, scale))
+            torch._foreach_add_(self.params, e)
         try:
             # The backward runs before the running statistics are restored: BatchNorm's graph
             # saves them, and restoring them first is an in-place change autograd refuses.
@@ -263,80 +269,11 @@ def group_sample_weights(targets: torch.Tensor, group_of_class: torch.Tensor, nu
     return weights
 
 
-class SSESAM:
-    """The seed code's SSE-SAM optimizer API, for code written against its README.
+def __getattr__(name: str):
+    # The seed code's optimizer API lives in train.seed_api; ``from train.optim import SSESAM``
+    # keeps working (imported on first use: train.seed_api itself imports this module).
+    if name == "SSESAM":
+        from train.seed_api import SSESAM
 
-    The caller computes each group's loss and backward itself::
-
-        sse = SSESAM(optimizer, model, head_rho=0.05, tail_rho=0.1, gamma=0.7, total_epochs=200)
-        head_loss.backward(retain_graph=True); sse.compute_and_add_epsilon(n_i=0)
-        head_loss_at_perturbed.backward();     sse.compute_grad_sum_and_restore_p()
-        ... the same for the tail with n_i=1 ...
-        sse.update()            # once per step
-        sse.update_rho()        # once per epoch, at its end
-
-    The numbers are the seed's: the norm has ``1e-16`` added and the perturbation is removed by
-    subtraction. Three of its faults are not reproduced: ``gamma = 0`` means no head perturbation
-    from the start (the seed crashes), a parameter without a gradient keeps ``grad = None``, and
-    the switch is at :func:`switch_epoch` (the seed's float product can round one epoch late).
-    """
-
-    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, head_rho: float,
-                 tail_rho: float, gamma: float = 0, total_epochs: int = 200):
-        if not 0 <= gamma < 1:
-            raise OptimError(f"gamma must be in [0, 1), got {gamma}")
-        self.optimizer = optimizer
-        self.model = model
-        self.rho_is = [float(head_rho), float(tail_rho)]
-        self.total_epochs = total_epochs
-        self.epoch_count = 0
-        # Not the seed's float ``total_epochs * gamma``: 0.28 * 25 = 7.000000000000001 would
-        # switch one epoch late, after 8 epochs instead of ceil(7) = 7.
-        self.cut_epoch = switch_epoch(gamma, total_epochs)
-        if gamma == 0:
-            self.rho_is[0] = 0.0
-        self.state: dict = defaultdict(dict)
-
-    @torch.no_grad()
-    def compute_and_add_epsilon(self, n_i: int) -> None:
-        """Moves to ``w + e`` for group ``n_i`` (0 head, 1 tail) from the current gradients."""
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        if not params:
-            return
-        grad_norm = torch.linalg.vector_norm(
-            torch.stack([torch.linalg.vector_norm(p.grad) for p in params])) + 1e-16
-        for p in params:
-            eps = p.grad * (self.rho_is[n_i] / grad_norm)
-            self.state[p]["eps"] = eps
-            p.add_(eps)
-        self.optimizer.zero_grad()
-
-    @torch.no_grad()
-    def compute_grad_sum_and_restore_p(self) -> None:
-        """Adds the gradient at ``w + e`` to the running sum and moves back to ``w``."""
-        for p in self.model.parameters():
-            if p.grad is None:
-                continue
-            if "grad_sum" in self.state[p]:
-                self.state[p]["grad_sum"] += p.grad
-            else:
-                self.state[p]["grad_sum"] = p.grad.clone()
-            if "eps" in self.state[p]:
-                p.sub_(self.state[p]["eps"])
-        self.optimizer.zero_grad()
-
-    @torch.no_grad()
-    def update(self) -> None:
-        """Steps the base optimizer with the summed group gradients."""
-        for p in self.model.parameters():
-            summed = self.state[p].get("grad_sum") if p in self.state else None
-            p.grad = None if summed is None else summed.clone()
-        self.optimizer.step()
-        self.optimizer.zero_grad()
-        self.state.clear()
-
-    def update_rho(self) -> None:
-        """Counts one finished epoch; ``head_rho`` is 0 once ``gamma * total_epochs`` passed."""
-        self.epoch_count += 1
-        if self.cut_epoch > 0 and self.epoch_count >= self.cut_epoch:
-            self.rho_is[0] = 0.0
+        return SSESAM
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
