@@ -7,6 +7,11 @@
   stem and no max-pool, 64..512 channels, ~21M parameters. Written here rather than taken from
   ``torchvision.models`` so that training and analysis never import torchvision (whose compiled
   operators fail to load on some installs, see ``train/_torchvision.py``).
+* ``resnet50``: torchvision's ResNet-50 (v1.5) layout and initialisation for ImageNet-sized
+  inputs: a 7x7 stride-2 stem and a 3x3 stride-2 max-pool, [3, 4, 6, 3] bottleneck blocks
+  (1x1, 3x3 with the stride, 1x1 expanding 4x), 1x1 projection shortcuts, torchvision's
+  parameter names (``conv1``, ``layer1`` .. ``layer4``, ``fc``); 25,557,032 parameters for 1000
+  classes. Also written here, for the same reason.
 * ``mlp``: two hidden ReLU layers of ``width`` units.
 * ``cnn``: two 3x3 conv + BatchNorm + ReLU layers (``width`` and ``2 * width`` channels), global
   average pooling and a linear head; small enough for exact Hessians, with BatchNorm on purpose.
@@ -23,7 +28,7 @@ import torch.nn.functional as F
 from train.options import MODELS, check_choice
 
 __all__ = ["MODELS", "BUILDERS", "build_model", "resnet8", "resnet20", "resnet32", "resnet34",
-           "mlp", "cnn", "count_parameters"]
+           "resnet50", "mlp", "cnn", "count_parameters"]
 
 
 class _ShortcutA(nn.Module):
@@ -105,6 +110,65 @@ def resnet34(in_shape: tuple[int, int, int], num_classes: int, width: int = 64) 
     return _ResNet(in_shape[0], widths, [3, 4, 6, 3], num_classes, "B")
 
 
+class _Bottleneck(nn.Module):
+    """1x1 reduce, 3x3 (carrying the stride, as torchvision's v1.5), 1x1 expand by 4."""
+
+    expansion = 4
+
+    def __init__(self, in_planes: int, planes: int, stride: int):
+        super().__init__()
+        out_planes = planes * self.expansion
+        self.conv1 = nn.Conv2d(in_planes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, out_planes, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_planes)
+        self.downsample: nn.Module | None = None  # None, not Identity: torchvision's keys
+        if stride != 1 or in_planes != out_planes:
+            self.downsample = nn.Sequential(nn.Conv2d(in_planes, out_planes, 1, stride, bias=False),
+                                            nn.BatchNorm2d(out_planes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class _ImageNetResNet(nn.Module):
+    """torchvision's ImageNet ResNet of bottleneck blocks, with its module names."""
+
+    def __init__(self, in_channels: int, width: int, depths: list[int], num_classes: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, width, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        in_planes = width
+        for i, depth in enumerate(depths):
+            planes = width * 2 ** i
+            blocks = [_Bottleneck(in_planes if j == 0 else planes * _Bottleneck.expansion,
+                                  planes, 2 if (i > 0 and j == 0) else 1) for j in range(depth)]
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+            in_planes = planes * _Bottleneck.expansion
+        self.depth = len(depths)
+        self.fc = nn.Linear(in_planes, num_classes)
+        for m in self.modules():  # torchvision's initialisation; Linear keeps PyTorch's default
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.maxpool(F.relu(self.bn1(self.conv1(x))))
+        for i in range(self.depth):
+            out = getattr(self, f"layer{i + 1}")(out)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
+
+
+def resnet50(in_shape: tuple[int, int, int], num_classes: int, width: int = 64) -> nn.Module:
+    """torchvision's ResNet-50: 7x7 stride-2 stem, max-pool, [3, 4, 6, 3] bottlenecks."""
+    return _ImageNetResNet(in_shape[0], width, [3, 4, 6, 3], num_classes)
+
+
 def mlp(in_shape: tuple[int, int, int], num_classes: int, width: int = 64) -> nn.Module:
     """Flatten, then two hidden ReLU layers of ``width`` units and a linear head."""
     in_features = in_shape[0] * in_shape[1] * in_shape[2]
@@ -123,10 +187,10 @@ def cnn(in_shape: tuple[int, int, int], num_classes: int, width: int = 16) -> nn
 # The builder of each name in train.options.MODELS.
 BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "resnet8": resnet8, "resnet20": resnet20, "resnet32": resnet32, "resnet34": resnet34,
-    "mlp": mlp, "cnn": cnn,
+    "resnet50": resnet50, "mlp": mlp, "cnn": cnn,
 }
-DEFAULT_WIDTH = {"resnet8": 16, "resnet20": 16, "resnet32": 16, "resnet34": 64, "mlp": 64,
-                 "cnn": 16}
+DEFAULT_WIDTH = {"resnet8": 16, "resnet20": 16, "resnet32": 16, "resnet34": 64, "resnet50": 64,
+                 "mlp": 64, "cnn": 16}
 
 
 class ModelError(ValueError):

@@ -27,7 +27,7 @@ __all__ = ["DATASETS", "SELECTIONS", "MODELS", "LOSSES", "OPTIMIZERS", "OPTIMIZE
 
 DATASETS = ("digits", "cifar10", "cifar100")
 SELECTIONS = ("first", "shuffled")  # which images of a class are kept (train/data.py)
-MODELS = ("resnet8", "resnet20", "resnet32", "resnet34", "mlp", "cnn")
+MODELS = ("resnet8", "resnet20", "resnet32", "resnet34", "resnet50", "mlp", "cnn")
 LOSSES = ("CE", "LDAM", "VS", "LA")
 OPTIMIZERS = ("sgd", "sam", "imbsam", "ssesam")
 # How figures and tables name the optimizers.
