@@ -135,6 +135,19 @@ class GroupSAM:
             global group gradient and its global norm (the trainer weighs each rank's samples
             by the global batch size and sums over ranks: ``train.distributed``).
         eps: the constant added to the gradient norm.
+
+    Example:
+        >>> model = nn.Linear(4, 3)
+        >>> step = GroupSAM(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        >>> x = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+        >>> y = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2])
+        >>> p = preset("ssesam", head_rho=0.05, tail_rho=0.1, gamma=0.5, epochs=2)
+        >>> weights = group_sample_weights(y, torch.tensor([0, 0, 1]), len(p.groups))
+        >>> weights.sum(1)  # head, tail: 6 and 2 of 8 samples, each weighed 1/8
+        tensor([0.7500, 0.2500])
+        >>> loss = step.step(x, y, nn.CrossEntropyLoss(reduction="none"), p.rhos(0), weights)
+        >>> loss.shape, bool(loss > 0)  # the batch mean loss at w, before the step
+        (torch.Size([]), True)
     """
 
     def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer,

@@ -19,19 +19,32 @@ __all__ = ["SSESAM"]
 class SSESAM:
     """The seed code's SSE-SAM optimizer API, for code written against its README.
 
-    The caller computes each group's loss and backward itself::
-
-        sse = SSESAM(optimizer, model, head_rho=0.05, tail_rho=0.1, gamma=0.7, total_epochs=200)
-        head_loss.backward(retain_graph=True); sse.compute_and_add_epsilon(n_i=0)
-        head_loss_at_perturbed.backward();     sse.compute_grad_sum_and_restore_p()
-        ... the same for the tail with n_i=1 ...
-        sse.update()            # once per step
-        sse.update_rho()        # once per epoch, at its end
+    The caller computes each group's loss and backward itself, at ``w`` and at the perturbed
+    weights; :meth:`update` once per step, :meth:`update_rho` once per epoch, at its end.
 
     The numbers are the seed's: the norm has ``1e-16`` added and the perturbation is removed by
     subtraction. Three of its faults are not reproduced: ``gamma = 0`` means no head perturbation
     from the start (the seed crashes), a parameter without a gradient keeps ``grad = None``, and
     the switch is at :func:`switch_epoch` (the seed's float product can round one epoch late).
+
+    Example:
+        >>> import torch.nn as nn
+        >>> model = nn.Linear(4, 3)
+        >>> sse = SSESAM(torch.optim.SGD(model.parameters(), lr=0.1), model, head_rho=0.05,
+        ...              tail_rho=0.1, gamma=0.5, total_epochs=2)
+        >>> x = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+        >>> y = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2])
+        >>> loss = nn.CrossEntropyLoss()
+        >>> for epoch in range(2):
+        ...     for n_i, members in enumerate((y < 2, y == 2)):  # 0: head, 1: tail
+        ...         loss(model(x[members]), y[members]).backward()  # at w
+        ...         sse.compute_and_add_epsilon(n_i)  # to w + e
+        ...         loss(model(x[members]), y[members]).backward()  # at w + e
+        ...         sse.compute_grad_sum_and_restore_p()  # back to w
+        ...     sse.update()
+        ...     sse.update_rho()
+        >>> sse.rho_is  # the head radius is 0 from epoch ceil(0.5 * 2) = 1 on
+        [0.0, 0.1]
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, head_rho: float,
