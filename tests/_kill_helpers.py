@@ -70,7 +70,7 @@ def run_cli(argv: list[str], log_path: str, rename_delay: float = 0.0) -> None:
 
 
 def temp_files(run: Path) -> list[str]:
-    from train.checkpoint import TEMP_RE
+    from train.io import TEMP_RE
 
     return sorted(p.name for p in run.iterdir() if TEMP_RE.match(p.name)) if run.is_dir() else []
 

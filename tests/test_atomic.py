@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _kill_helpers import (check_run_folder, digests, forkserver_context,  # noqa: E402
                            metrics_without_time, noop, run_cli, temp_files)
 from train import checkpoint as ckpt  # noqa: E402
+from train import io as tio  # noqa: E402
 from train.cli import main as train_main, parse  # noqa: E402
 from train.loop import train  # noqa: E402
 
@@ -158,21 +159,21 @@ def _faulty(real, fail_on: int, error: OSError):
 
 def test_atomic_write_that_fails_leaves_the_old_file(tmp_path, monkeypatch):
     path = tmp_path / "config.json"
-    ckpt.atomic_write_json(path, {"old": True})
+    tio.atomic_write_json(path, {"old": True})
     monkeypatch.setattr(os, "fsync", _faulty(os.fsync, 1, OSError(errno.ENOSPC,
                                                                   "No space left on device")))
     with pytest.raises(OSError) as caught:
-        ckpt.atomic_write_json(path, {"new": True})
+        tio.atomic_write_json(path, {"new": True})
     assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(path)
     assert path.read_text() == '{\n  "old": true\n}\n'
     assert temp_files(tmp_path) == []
     # A library writer (np.savez, savefig) through atomic_writer: an error leaves no file.
     with pytest.raises(RuntimeError):
-        with ckpt.atomic_writer(tmp_path / "eig.npz") as f:
+        with tio.atomic_writer(tmp_path / "eig.npz") as f:
             np.savez(f, values=np.arange(3))
             raise RuntimeError("the analysis failed half-way")
     assert not (tmp_path / "eig.npz").exists() and temp_files(tmp_path) == []
-    with ckpt.atomic_writer(tmp_path / "eig.npz") as f:
+    with tio.atomic_writer(tmp_path / "eig.npz") as f:
         np.savez(f, values=np.arange(3))
     assert np.load(tmp_path / "eig.npz")["values"].tolist() == [0, 1, 2]
     assert (tmp_path / "eig.npz").stat().st_mode & 0o777 == 0o666 & ~_umask()
@@ -186,16 +187,16 @@ def _umask() -> int:
 
 def test_append_line_is_whole_or_absent(tmp_path, monkeypatch):
     path = tmp_path / "metrics.jsonl"
-    ckpt.append_line(path, {"epoch": 1})
+    tio.append_line(path, {"epoch": 1})
     before = path.read_bytes()
     real_write = os.write
     monkeypatch.setattr(os, "write", lambda fd, data: real_write(fd, data[:7]))  # a short write
     with pytest.raises(OSError) as caught:
-        ckpt.append_line(path, {"epoch": 2, "acc": 50.0})
+        tio.append_line(path, {"epoch": 2, "acc": 50.0})
     assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(path)
     assert path.read_bytes() == before  # the torn part was cut off again
     monkeypatch.setattr(os, "write", real_write)
-    ckpt.append_line(path, {"epoch": 2})
+    tio.append_line(path, {"epoch": 2})
     assert ckpt.read_metrics(tmp_path) == [{"epoch": 1}, {"epoch": 2}]
 
 

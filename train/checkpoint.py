@@ -33,16 +33,12 @@ from typing import Any
 
 import torch
 
-# The file-writing library moved to train.io; these names stay importable from here.
-from train.io import (TEMP_RE, append_line, atomic_write_bytes, atomic_write_json,  # noqa: F401
-                      atomic_write_text, atomic_writer, summarize, write_lines)
+from train.io import atomic_write_bytes, atomic_write_json, summarize
 from train.run_folder import CHECKPOINT_RE, CONFIG, MANIFEST, METRICS, checkpoint_name, is_own_temp
 
 __all__ = [
-    "CheckpointError", "summarize", "atomic_write_bytes", "atomic_write_json", "atomic_write_text",
-    "atomic_writer", "append_line", "save_checkpoint", "write_lines", "load_checkpoint",
-    "list_checkpoints", "checkpoint_path", "read_config", "read_metrics", "clean_stale_temps",
-    "FORMAT", "MANIFEST",
+    "CheckpointError", "save_checkpoint", "load_checkpoint", "list_checkpoints", "checkpoint_path",
+    "read_config", "read_metrics", "clean_stale_temps", "FORMAT", "MANIFEST",
 ]
 
 FORMAT = "sse-sam-checkpoint/1"

@@ -28,11 +28,12 @@ from train.config import Config, ConfigError, identity_changes
 from train.data import LongTailData, accuracy_splits, epoch_generator, load_dataset, normalize, \
     train_batches
 from train.device import resolve_device
+from train.io import append_line, atomic_write_bytes, atomic_write_json, summarize, write_lines
 from train.losses import build_loss
 from train.models import build_model
 from train.optim import GroupSAM, group_sample_weights
 
-__all__ = ["train", "evaluate", "TrainingDiverged", "RunExists", "resolve_device", "Trainer"]
+__all__ = ["train", "evaluate", "TrainingDiverged", "RunExists", "Trainer"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -233,7 +234,7 @@ def _restore(trainer: "Trainer", saved: dict, path: Path) -> None:
                 raise ValueError(f"momentum of shape {tuple(momentum.shape)} for a parameter of "
                                  f"shape {tuple(param.shape)}")
     except Exception as error:  # missing keys, wrong shapes, foreign objects: one clear line
-        text = ckpt.summarize(error, 200) or type(error).__name__
+        text = summarize(error, 200) or type(error).__name__
         raise ckpt.CheckpointError(f"{path}: does not fit this run's {trainer.config.model} model "
                                    f"or optimizer ({text})") from None
 
@@ -274,12 +275,12 @@ def train(config: Config, out: str | Path, resume: bool = False, overwrite: bool
             if overwrite:
                 _clear_run(out, log)
             out.mkdir(parents=True, exist_ok=True)
-            ckpt.atomic_write_json(out / files.CONFIG, config.to_json())
-            ckpt.atomic_write_bytes(out / files.METRICS, b"")
+            atomic_write_json(out / files.CONFIG, config.to_json())
+            atomic_write_bytes(out / files.METRICS, b"")
             ckpt.save_checkpoint(out, 0, trainer.state())
         else:  # drop metrics of epochs after the checkpoint: they are about to be redone
             rows = [r for r in ckpt.read_metrics(out) if r.get("epoch", 0) <= start]
-            ckpt.write_lines(out / files.METRICS, rows)
+            write_lines(out / files.METRICS, rows)
     _run_epochs(trainer, out, start, progress, log, is_writer)
     return out
 
@@ -312,7 +313,7 @@ def _run_epochs(trainer: Trainer, out: Path, start: int, progress: bool, log, is
         bar.set_postfix(loss=f"{train_loss:.3f}", acc=f"{accuracy['acc']:.1f}")
         if not is_writer:
             continue
-        ckpt.append_line(out / files.METRICS, row)
+        append_line(out / files.METRICS, row)
         if (epoch + 1) % config.save_every == 0 or epoch + 1 == config.epochs:
             ckpt.save_checkpoint(out, epoch + 1, trainer.state())
     bar.close()
