@@ -57,6 +57,7 @@ def _wait_for_temp(run: Path, process, prefix: str, old: set, timeout: float = 6
         time.sleep(0.003)
 
 
+@pytest.mark.slow
 def test_sigkill_24_times_files_stay_whole_and_resume_is_exact(tmp_path, reference):
     context = forkserver_context()
     rng = random.Random(20240605)

@@ -288,6 +288,7 @@ def test_augment_is_random_per_image():
 
 
 @pytest.mark.parametrize("device", ["meta"] + (["cuda"] if torch.cuda.is_available() else []))
+@pytest.mark.slow
 def test_augment_stays_on_device(device):
     images = torch.zeros(4, 3, 8, 8, dtype=torch.float16, device=device)
     out = D.augment(images, 2, True, torch.Generator().manual_seed(0))

@@ -115,6 +115,7 @@ def test_an_epoch_synchronises_a_fixed_number_of_times(digits):
     assert counts[0] == counts[1] <= 4, counts
 
 
+@pytest.mark.slow
 def test_channels_last_gives_the_same_steps_within_float_tolerance():
     # Not bitwise: the CPU's channels-last float32 kernels round differently (a BatchNorm
     # output within ~1e-6 of 0 lands on the other side of a ReLU kink), so the

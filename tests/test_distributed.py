@@ -151,6 +151,7 @@ def max_difference(a: dict, b: dict) -> float:
 
 
 @pytest.mark.parametrize("case", ["ssesam_batch", "imbsam_group"])
+@pytest.mark.slow
 def test_two_ranks_train_the_same_parameters_as_one_process(two_ranks, one_rank, case):
     _, ranks = two_ranks
     reference = one_rank[case]
@@ -162,6 +163,7 @@ def test_two_ranks_train_the_same_parameters_as_one_process(two_ranks, one_rank,
     assert ranks[0][case]["acc"] == ranks[1][case]["acc"]
 
 
+@pytest.mark.slow
 def test_with_batchnorm_the_ranks_agree_with_each_other(two_ranks):
     # BatchNorm uses per-rank batch statistics (not the one-process numbers); parameters and
     # the running statistics, averaged at each epoch's end, are still the same on both ranks,
@@ -172,6 +174,7 @@ def test_with_batchnorm_the_ranks_agree_with_each_other(two_ranks):
     assert a["acc"] == b["acc"] and a["losses"] == b["losses"]
 
 
+@pytest.mark.slow
 def test_collective_helpers(two_ranks):
     _, ranks = two_ranks
     for result in ranks:
@@ -184,6 +187,7 @@ def test_collective_helpers(two_ranks):
     assert [r["helpers"]["main"] for r in ranks] == [True, False]
 
 
+@pytest.mark.slow
 def test_only_rank_zero_writes_the_run_folder(two_ranks, one_rank):
     folder, ranks = two_ranks
     assert ranks[1]["saves"] == [] and len(ranks[0]["saves"]) == 2  # epoch 0 and 2
@@ -216,6 +220,7 @@ def test_a_fixed_gpu_under_torchrun_is_bad_input(monkeypatch, tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_torchrun_command_line(tmp_path):
     # The real launcher: `torchrun --standalone --nproc_per_node 2 -m train ...` on gloo.
     args = ["--dataset", "digits", "--opt", "ssesam", "--epochs", "2", "--batch_size", "100",
@@ -240,6 +245,7 @@ def test_torchrun_command_line(tmp_path):
     assert [r["epoch"] for r in rows] == [1, 2]
 
 
+@pytest.mark.slow
 def test_analysis_shared_between_two_ranks_gives_the_one_process_numbers(two_ranks, tmp_path):
     # HVPs: each rank sums its half of the samples, then the halves are summed (float64, a
     # different order of the same sum: 1e-12 relative). Surface points: each is computed
@@ -268,6 +274,7 @@ def test_analysis_shared_between_two_ranks_gives_the_one_process_numbers(two_ran
                        torch.from_numpy(reference["surface"]["tail"][0]))
 
 
+@pytest.mark.slow
 def test_torchrun_landscape_hessian_command(two_ranks, tmp_path):
     # `torchrun -m landscape hessian`: the HVPs shared by 2 ranks, the JSON written by rank 0,
     # the same eigenvalues as one process (to 1e-12 relative) after the same number of HVPs.

@@ -209,6 +209,7 @@ def _subparsers(parser) -> dict:
 # train: arguments
 
 
+@pytest.mark.slow
 def test_train_argv_fuzz_250_examples(quick_training):
     (quick_training / "a_file").write_text("not a folder")
     assert _call(train_main, RUN_ARGS + ["--out", "run_existing"])[0] == 0
@@ -353,6 +354,7 @@ def _all_ways_in(run: Path, tally: Tally) -> None:
         tally.add(rc)
 
 
+@pytest.mark.slow
 def test_config_file_fuzz_200_examples(template, quick_training):
     tally = Tally("config.json fuzzed, train --resume / landscape.load / landscape")
 
@@ -414,6 +416,7 @@ def _checkpoint_bytes(template: Path) -> st.SearchStrategy:
     )
 
 
+@pytest.mark.slow
 def test_checkpoint_bytes_fuzz_150_examples(template, quick_training):
     tally = Tally("checkpoint bytes fuzzed, train --resume / landscape.load / landscape")
 
@@ -486,6 +489,7 @@ def test_landscape_argv_fuzz_200_examples(template, quick_training, monkeypatch)
 # Real processes: exit statuses and stderr exactly as a user sees them (warnings included)
 
 
+@pytest.mark.slow
 def test_real_processes_exit_0_or_2_with_one_line(template, tmp_path):
     """Five real processes (each start costs seconds): what the in-process calls cannot show."""
     hostile = tmp_path / "hostile"  # protocol 4: torch.load would warn on stderr if let

@@ -74,6 +74,7 @@ def test_hessian_command_writes_the_json_and_agrees_with_the_dense_hessian(
         {k: v for k, v in data.items() if k != "seconds"}
 
 
+@pytest.mark.slow
 def test_group_as_class_ids_on_a_batchnorm_cnn_prints_json(cnn_path, capsys):
     assert main(["hessian", cnn_path, "--group", "7,8,9", "--top", "1", "--bottom", "1",
                  "--no_progress", "--split", "test", "--loss", "CE"]) == 0
@@ -160,6 +161,7 @@ def test_bad_input_is_one_line_exit_2_and_no_file(case, mlp_path, tmp_path, caps
     assert not spectra.exists()
 
 
+@pytest.mark.slow
 def test_command_line_exit_status_in_a_subprocess(mlp_path, tmp_path):
     out = tmp_path / "x.json"
     done = subprocess.run([sys.executable, "-m", "landscape", "hessian", mlp_path, "--group",

@@ -77,6 +77,7 @@ def test_select_checkpoints_every_k_keeps_the_last(runs):
     assert [e for e, _ in select_checkpoints(runs["sgd"], 3)] == [0, 4]
 
 
+@pytest.mark.slow
 def test_report_tables_and_figures(runs, tmp_path):
     report = build_report([runs["sgd"], runs["ssesam"]], FAST, device="cpu")
     rows = report.table_rows()
@@ -141,6 +142,7 @@ def test_report_bad_input(runs, tmp_path, landscape_cli):
         ReportSettings(steps=0)
 
 
+@pytest.mark.slow
 def test_demo_trains_four_optimizers_and_writes_the_report(tmp_path, landscape_cli, monkeypatch):
     out = tmp_path / "demo"
     argv = ["demo", "--out", str(out), "--epochs", "1", "--save_every", "1", "--steps", "20",

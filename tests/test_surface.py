@@ -208,6 +208,7 @@ def test_surface_command_writes_data_png_and_offline_html(mlp_run, tmp_path, lan
     assert (out / "surface.npz").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_surface_command_pca_eigen_and_interp(mlp_run, tmp_path, landscape_cli):
     pca = tmp_path / "pca"
     assert landscape_cli(["surface", mlp_run, "--directions", "pca", "--grid", "3",

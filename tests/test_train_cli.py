@@ -226,6 +226,7 @@ def _python(*args, timeout=120):
                           text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_subprocess_good_and_bad(tmp_path):
     out = tmp_path / "sub"
     good = _python("-m", "train", *FAST, "--epochs", "2", "--out", str(out))
@@ -239,6 +240,7 @@ def test_subprocess_good_and_bad(tmp_path):
     assert not bad_out.exists()
 
 
+@pytest.mark.slow
 def test_torchvision_import_guard():
     """Here the plain import fails (CUDA torchvision next to CPU torch); the guard copes, even
     after a failed plain import left a half-initialised package behind."""
