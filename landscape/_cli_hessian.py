@@ -4,7 +4,8 @@
 smallest Hessian eigenvalues of group G's mean loss (Lanczos, each with its residual), the saddle
 ratio lambda_min / lambda_max and, with --trace, a Hutch++ trace with its standard error. The
 JSON (also printed when --json is not given) holds group, classes, n_samples, loss, top, bottom,
-residuals, converged, trace, trace_stderr, ratio, hvps, seconds and the settings used.
+residuals, converged, trace, trace_stderr, ratio (null when lambda_max <= 0 or an end is not
+asked for), hvps, seconds and the settings used (landscape.hessian.HessianSummary.to_json).
 
 ``spectrum CKPT --groups head,tail --probes P --steps S --out DIR``: stochastic Lanczos
 quadrature densities of each group, written to DIR as spectrum.npz (nodes_G, weights_G, grid_G,
@@ -17,6 +18,7 @@ separated by commas, join the ids of one group with ``+``: ``--groups head,0+3+7
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -132,11 +134,12 @@ def run_hessian(args) -> int:
         sys.stdout.write(text)
     else:
         atomic_write_bytes(args.json, text.encode())
-        ratio = "n/a" if summary.ratio is None else f"{summary.ratio:.4g}"
-        print(f"{summary.group}: lambda_max {summary.top[0] if summary.top else float('nan'):.6g}"
-              f", lambda_min {summary.bottom[0] if summary.bottom else float('nan'):.6g}, "
-              f"ratio {ratio}, converged {summary.converged}, {summary.hvps} HVPs, "
-              f"{summary.seconds:.1f} s -> {args.json}")
+        how = summary.provenance
+        ratio = "n/a" if math.isnan(summary.ratio) else f"{summary.ratio:.4g}"
+        print(f"{how.group}: lambda_max {summary.top[0] if summary.top else math.nan:.6g}"
+              f", lambda_min {summary.bottom[0] if summary.bottom else math.nan:.6g}, "
+              f"ratio {ratio}, converged {summary.converged}, {how.hvps} HVPs, "
+              f"{how.seconds:.1f} s -> {args.json}")
     return 0
 
 

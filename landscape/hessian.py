@@ -1,10 +1,17 @@
 """Per-group Hessian analysis of a checkpoint in one call: extremes, saddle ratio, trace, densities.
 
->>> run = landscape.load("checkpoints/digits-ssesam")
->>> s = hessian_summary(run, "tail", top=5, bottom=5, trace=True, seed=0)
->>> s.top[0], s.bottom[0], s.ratio          # lambda_max, lambda_min, lambda_min / lambda_max
->>> densities = spectral_densities(run, ["head", "tail"], probes=10, steps=90)
->>> save_spectra(densities, "spectra/")     # npz, json, PNG and offline HTML
+>>> import landscape, tempfile
+>>> run = landscape.load(run_dir, device="cpu")
+>>> s = hessian_summary(run, "tail", top=2, bottom=1, trace=True, seed=0)
+>>> s.converged, len(s.top), s.provenance.group, s.provenance.classes
+(True, 2, 'tail', (4, 5, 6, 7, 8, 9))
+>>> s.ratio == s.bottom[0] / s.top[0], s.trace.method     # lambda_min / lambda_max
+(True, 'hutch++')
+>>> densities = spectral_densities(run, ["head", "tail"], probes=2, steps=10)
+>>> sorted(densities), densities["tail"].nodes.shape
+(['head', 'tail'], (2, 10))
+>>> [p.name for p in save_spectra(densities, tempfile.mkdtemp())]   # npz, json, PNG, HTML
+['spectrum.npz', 'spectrum.json', 'spectrum.png', 'spectrum.html']
 
 The operator is :class:`landscape.hvp.GroupHessian` (the group's mean loss over its un-augmented
 samples, eval mode); eigenvalues come from :func:`landscape.eigen.extreme_eigenpairs`, traces
@@ -16,6 +23,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,12 +34,12 @@ import torch
 
 from landscape.errors import AnalysisError
 from landscape.hvp import DEFAULT_METHOD, GroupHessian
-from landscape.eigen import extreme_eigenpairs
+from landscape.eigen import EigenResult, extreme_eigenpairs
 from landscape.load import Group, Run
 from landscape.slq import SpectralDensity, slq
-from landscape.traces import hutchinson_trace, hutchpp_trace
+from landscape.traces import TraceEstimate, hutchinson_trace, hutchpp_trace
 
-__all__ = ["HessianSummary", "hessian_summary", "spectral_densities", "save_spectra",
+__all__ = ["HessianSummary", "Provenance", "hessian_summary", "spectral_densities", "save_spectra",
            "group_label", "TRACE_METHODS", "DTYPES"]
 
 TRACE_METHODS = ("hutch++", "hutchinson")
@@ -44,59 +52,104 @@ def group_label(group: Group) -> str:
 
 
 @dataclass(frozen=True)
-class HessianSummary:
-    """Extreme eigenvalues, the saddle ratio and the trace of one group's loss Hessian.
+class Provenance:
+    """How a summary's numbers were obtained, and what they cost.
 
     Attributes:
         group: the group as given (``"tail"``, ``"0,3,7"``).
         classes: its class ids.
         n_samples: samples averaged over.
         loss: the per-sample loss (``CE``, ``LDAM``, ...).
-        top: the largest eigenvalues, descending (``top[0] = lambda_max``).
-        bottom: the smallest, ascending (``bottom[0] = lambda_min``).
-        residuals: ``{"top": [...], "bottom": [...]}``, ``||H x - theta x||`` of each pair.
-        converged: every residual within ``residual_tol``.
-        trace: estimate of ``tr(H)`` (None unless asked for).
-        trace_stderr: its standard error.
-        ratio: ``lambda_min / lambda_max`` (None unless both ends were computed).
+        split: ``train`` or ``test`` samples.
+        checkpoint, epoch: the checkpoint file and its epoch.
+        n_params: the operator's size.
+        dtype: of the Hessian-vector products.
+        seed: of Lanczos's start vector and of the trace's probes.
+        tol: Lanczos's relative residual tolerance.
         hvps: Hessian-vector products spent in all.
         seconds: wall time.
-        split, n_params, dtype, seed, tol, residual_tol, lanczos_steps, trace_method,
-        trace_hvps, loss_value, checkpoint, epoch: how the numbers were obtained.
     """
 
     group: str
     classes: tuple[int, ...]
     n_samples: int
     loss: str
-    top: tuple[float, ...]
-    bottom: tuple[float, ...]
-    residuals: dict
-    converged: bool
-    trace: Optional[float]
-    trace_stderr: Optional[float]
-    ratio: Optional[float]
+    split: str
+    checkpoint: str
+    epoch: int
+    n_params: int
+    dtype: str
+    seed: int
+    tol: float
     hvps: int
     seconds: float
-    split: str = "train"
-    n_params: int = 0
-    dtype: str = "float64"
-    seed: int = 0
-    tol: float = 0.0
-    residual_tol: float = 0.0
-    lanczos_steps: int = 0
-    trace_method: Optional[str] = None
-    trace_hvps: int = 0
-    loss_value: float = float("nan")
-    checkpoint: str = ""
-    epoch: int = -1
+
+
+@dataclass(frozen=True)
+class HessianSummary:
+    """One group's loss Hessian at a checkpoint: extreme eigenpairs, trace and provenance.
+
+    Attributes:
+        eigen: the extreme eigenpairs (None when neither end was asked for).
+        trace: the trace estimate (None unless asked for).
+        provenance: how the numbers were obtained (:class:`Provenance`).
+        loss_value: the group's mean loss ``L_G(w)``.
+    """
+
+    eigen: Optional[EigenResult]
+    trace: Optional[TraceEstimate]
+    provenance: Provenance
+    loss_value: float
+
+    @property
+    def top(self) -> tuple[float, ...]:
+        """The largest eigenvalues, descending (``top[0] = lambda_max``)."""
+        return () if self.eigen is None else tuple(float(v) for v in self.eigen.top)
+
+    @property
+    def bottom(self) -> tuple[float, ...]:
+        """The smallest eigenvalues, ascending (``bottom[0] = lambda_min``)."""
+        return () if self.eigen is None else tuple(float(v) for v in self.eigen.bottom)
+
+    @property
+    def ratio(self) -> float:
+        """:func:`landscape.eigen.saddle_ratio` of ``bottom[0]`` and ``top[0]``."""
+        return math.nan if self.eigen is None else self.eigen.ratio
+
+    @property
+    def converged(self) -> bool:
+        return True if self.eigen is None else self.eigen.converged
+
+    @property
+    def residuals(self) -> dict[str, list[float]]:
+        return {"top": [], "bottom": []} if self.eigen is None else self.eigen.residuals
 
     def to_json(self) -> dict:
-        """A JSON-ready dict (lists, floats, ints, None)."""
-        data = asdict(self)
-        data["classes"] = list(self.classes)
-        data["top"], data["bottom"] = list(self.top), list(self.bottom)
-        return data
+        """The JSON object of ``python -m landscape hessian``, flat, in plain JSON types:
+
+        * provenance: ``group``, ``classes``, ``n_samples``, ``loss``, ``split``,
+          ``checkpoint``, ``epoch``, ``n_params``, ``dtype``, ``seed``, ``tol``, ``hvps``,
+          ``seconds``;
+        * eigenpairs: ``top``, ``bottom``, ``residuals`` (``{"top": [...], "bottom": [...]}``),
+          ``converged``, ``residual_tol`` (the absolute threshold), ``lanczos_steps``, and
+          ``ratio`` (``null`` where :func:`~landscape.eigen.saddle_ratio` is undefined);
+        * trace: ``trace``, ``trace_stderr``, ``trace_method``, ``trace_hvps`` (``null``, 0
+          without one);
+        * ``loss_value``.
+        """
+        eig, trace = self.eigen, self.trace
+        return {
+            **asdict(self.provenance), "classes": list(self.provenance.classes),
+            "top": list(self.top), "bottom": list(self.bottom), "residuals": self.residuals,
+            "converged": self.converged, "ratio": None if math.isnan(self.ratio) else self.ratio,
+            "residual_tol": 0.0 if eig is None else float(eig.tolerance),
+            "lanczos_steps": 0 if eig is None else int(eig.steps),
+            "trace": None if trace is None else float(trace.value),
+            "trace_stderr": None if trace is None else float(trace.stderr),
+            "trace_method": None if trace is None else trace.method,
+            "trace_hvps": 0 if trace is None else int(trace.hvps),
+            "loss_value": self.loss_value,
+        }
 
 
 def _check_k(name: str, k: int, n_params: int) -> int:
@@ -149,36 +202,21 @@ def hessian_summary(run: Run, group: Group, top: int = 1, bottom: int = 1, trace
                                dtype=dtype, method=method, progress=progress)
     top = _check_k("top", top, op.n_params)
     bottom = _check_k("bottom", bottom, op.n_params)
-    tops, bottoms, residuals, converged, ratio = (), (), {"top": [], "bottom": []}, True, None
-    residual_tol, steps = 0.0, 0
+    eigen = None
     if top or bottom:
-        eig = extreme_eigenpairs(op, top=top, bottom=bottom, tol=tol, max_steps=max_steps,
-                                 seed=seed)
-        tops = tuple(float(v) for v in eig.top)
-        bottoms = tuple(float(v) for v in eig.bottom)
-        residuals, converged = eig.residuals, eig.converged
-        residual_tol, steps = float(eig.tolerance), int(eig.steps)
-        if top and bottom and tops[0] != 0:
-            ratio = bottoms[0] / tops[0]
-    trace_value = trace_stderr = None
-    trace_spent = 0
+        eigen = extreme_eigenpairs(op, top=top, bottom=bottom, tol=tol, max_steps=max_steps,
+                                   seed=seed)
+    estimate = None
     if trace:
-        hvps_before = op.hvps
-        if trace_method == "hutch++":
-            estimate = hutchpp_trace(op, int(trace_hvps), seed=seed)
-        else:
-            estimate = hutchinson_trace(op, int(trace_hvps), seed=seed)
-        trace_value, trace_stderr = float(estimate.value), float(estimate.stderr)
-        trace_spent = op.hvps - hvps_before
-    return HessianSummary(
+        estimator = hutchpp_trace if trace_method == "hutch++" else hutchinson_trace
+        estimate = estimator(op, int(trace_hvps), seed=seed)
+    loss_value = op.loss()
+    provenance = Provenance(
         group=group_label(group), classes=tuple(op.classes or ()), n_samples=op.n_samples,
-        loss=op.loss_name or "", top=tops, bottom=bottoms, residuals=residuals,
-        converged=bool(converged), trace=trace_value, trace_stderr=trace_stderr, ratio=ratio,
-        hvps=op.hvps, seconds=time.perf_counter() - began, split=split, n_params=op.n_params,
-        dtype=str(dtype).replace("torch.", ""), seed=int(seed), tol=float(tol),
-        residual_tol=residual_tol, lanczos_steps=steps,
-        trace_method=trace_method if trace else None, trace_hvps=trace_spent,
-        loss_value=op.loss(), checkpoint=str(run.path), epoch=int(run.epoch))
+        loss=op.loss_name or "", split=split, checkpoint=str(run.path), epoch=int(run.epoch),
+        n_params=op.n_params, dtype=str(dtype).replace("torch.", ""), seed=int(seed),
+        tol=float(tol), hvps=op.hvps, seconds=time.perf_counter() - began)
+    return HessianSummary(eigen, estimate, provenance, loss_value)
 
 
 def spectral_densities(run: Run, groups: Sequence[Group], probes: int = 10, steps: int = 90, *,

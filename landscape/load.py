@@ -1,10 +1,16 @@
 """Loading a checkpoint for analysis: model, config, class groups and each group's data.
 
->>> run = load("checkpoints/digits-ssesam-CE")            # newest checkpoint of the run
->>> run = load("checkpoints/digits-ssesam-CE/epoch_0010.pt")
->>> run.groups                                            # {"head": [...], "tail": [...]}
->>> x, y = run.group_data("tail")                         # un-augmented, normalised
->>> run.model                                             # in eval mode
+``run_dir`` is a run folder (``python -m train ... --out RUN_DIR``):
+
+>>> run = load(run_dir, device="cpu")                # its newest checkpoint
+>>> run.epoch, run.groups
+(3, {'head': [0, 1, 2, 3], 'tail': [4, 5, 6, 7, 8, 9]})
+>>> x, y = run.group_data("tail")                    # un-augmented, normalised
+>>> tuple(x.shape), run.model.training               # the model is in eval mode
+((94, 1, 8, 8), False)
+>>> first = load(f"{run_dir}/epoch_0001.pt", device="cpu", data=run.data)  # the same dataset
+>>> first.epoch, first.data is run.data
+(1, True)
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from train import checkpoint as ckpt
-from train.config import Config, ConfigError
+from train.config import Config, ConfigError, identity_changes
 from train.data import LongTailData, load_dataset, normalize
 from train.device import resolve_device
 from train.io import summarize
@@ -125,13 +131,15 @@ class Run:
 
 
 def load(path: Union[str, Path], device: Union[str, torch.device, None] = None,
-         data_dir: Optional[str] = None) -> Run:
+         data_dir: Optional[str] = None, *, data: Optional[LongTailData] = None) -> Run:
     """Loads a checkpoint (or the newest checkpoint of a run folder) for analysis.
 
     Args:
         path: ``epoch_NNNN.pt`` or a run folder.
         device: where to put the model and data (default: CUDA if available, else CPU).
         data_dir: where the CIFAR files are, if not where the run found them.
+        data: the dataset of another checkpoint of the same run (its ``run.data``, on the same
+            device), reused instead of being built again: the data do not depend on the epoch.
 
     Raises:
         train.checkpoint.CheckpointError: unreadable, altered or mismatched files.
@@ -144,8 +152,8 @@ def load(path: Union[str, Path], device: Union[str, torch.device, None] = None,
         saved = Config.from_json(state.get("config", {}))
     except ConfigError as error:
         raise ckpt.CheckpointError(f"{path}: invalid config ({error})") from None
-    if saved.identity() != config.identity():
-        diff = sorted(k for k, v in config.identity().items() if saved.identity().get(k) != v)
+    diff = identity_changes(saved, config)
+    if diff:
         raise ckpt.CheckpointError(f"{path}: its config differs from {run_dir / 'config.json'} "
                                    f"in {', '.join(diff)} (checkpoint of another run?)")
     device = resolve_device(device)
@@ -158,4 +166,4 @@ def load(path: Union[str, Path], device: Union[str, torch.device, None] = None,
         raise ckpt.CheckpointError(f"{path}: weights do not fit the config's model "
                                    f"{config.model} ({text})") from None
     model.to(device).eval()
-    return Run(path, run_dir, int(state["epoch"]), config, model, device, data_dir)
+    return Run(path, run_dir, int(state["epoch"]), config, model, device, data_dir, data)

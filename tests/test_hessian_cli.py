@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -90,7 +91,11 @@ def test_python_api_for_the_saddle_report(mlp_path):
     run = landscape.load(mlp_path, device="cpu")
     s = hessian_summary(run, "head", top=1, bottom=1)
     assert s.ratio == pytest.approx(s.bottom[0] / s.top[0])
-    assert s.top[0] > 0 and s.converged and s.loss == "CE"
+    assert s.top[0] > 0 and s.converged and s.provenance.loss == "CE"
+    assert s.provenance.hvps == s.eigen.hvps and s.trace is None
+    # One ratio convention: undefined (NaN, JSON null) unless both ends were computed.
+    one_end = hessian_summary(run, "head", top=1, bottom=0)
+    assert math.isnan(one_end.ratio) and one_end.to_json()["ratio"] is None
     json.dumps(s.to_json())  # plain JSON types only
     with pytest.raises(dataclasses.FrozenInstanceError):
         s.ratio = 0.0

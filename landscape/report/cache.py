@@ -1,0 +1,130 @@
+"""The per-checkpoint caches of the report's Hessian results, next to each checkpoint.
+
+``RUN_DIR/hessian/epoch_NNNN_GROUP.json`` holds one entry per set of settings (kind, group
+classes, split, loss, Lanczos limits, seed, and the checkpoint's SHA-256 from the run's
+manifest); the densities go to ``RUN_DIR/hessian/epoch_NNNN_GROUP_slq_KEY.npz``. A result
+computed before with the same settings is read back, never recomputed; a damaged or foreign
+file is recomputed (and rewritten), never trusted.
+
+>>> import landscape
+>>> run = landscape.load(run_dir, device="cpu")
+>>> found = group_indicators(run, "tail", ReportSettings(steps=40, tol=1e-6))
+>>> found.converged, found.lambda_max > 0, (run.run_dir / "hessian" / "epoch_0003_tail.json").exists()
+(True, True, True)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import zipfile
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import numpy as np
+
+from landscape.report.results import GroupIndicators
+from landscape.report.settings import DEFAULT_SETTINGS, ReportSettings
+from train import checkpoint as ckpt
+from train.io import atomic_write_bytes, atomic_write_json
+
+__all__ = ["group_indicators", "group_density", "CACHE_FORMAT"]
+
+CACHE_FORMAT = "landscape-hessian-cache/1"
+
+
+def _checkpoint_digest(path: Path) -> Optional[str]:
+    try:
+        manifest = json.loads((path.parent / ckpt.MANIFEST).read_text())
+        return manifest[path.name]["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _cache_key(run, group: str, kind: str, settings: ReportSettings) -> dict:
+    """Everything that determines a cached result."""
+    key = {"kind": kind, "group": group, "classes": run.classes(group), "split": settings.split,
+           "loss": run.config.loss, "seed": settings.seed, "steps": settings.steps,
+           "dtype": "float64", "checkpoint_sha256": _checkpoint_digest(run.path)}
+    if kind == "extremes":
+        key["tol"] = settings.tol
+    else:
+        key["probes"] = settings.probes
+    return key
+
+
+def _key_id(key: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _cache_folder(run) -> Path:
+    return run.run_dir / "hessian"
+
+
+def _read_entries(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return {}
+    if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT:
+        return {}  # another tool's file or a damaged one: recompute (and rewrite) it
+    entries = data.get("entries")
+    return entries if isinstance(entries, dict) else {}
+
+
+def group_indicators(run, group: str, settings: ReportSettings = DEFAULT_SETTINGS,
+                     cache: bool = True) -> GroupIndicators:
+    """``lambda_max``, ``lambda_min`` and their ratio for ``group`` at ``run``'s checkpoint,
+    read from ``RUN_DIR/hessian/epoch_NNNN_GROUP.json`` when computed before with the same
+    settings, else computed (:func:`landscape.hessian.hessian_summary`, float64) and added to
+    that file with the whole summary."""
+    from landscape.hessian import hessian_summary
+
+    key = _cache_key(run, group, "extremes", settings)
+    key_id = _key_id(key)
+    path = _cache_folder(run) / f"epoch_{run.epoch:04d}_{group}.json"
+    entries = _read_entries(path) if cache else {}
+    if key_id in entries and entries[key_id].get("key") == key:
+        return GroupIndicators.from_json(entries[key_id]["result"])
+    summary = hessian_summary(run, group, top=1, bottom=1, seed=settings.seed,
+                              split=settings.split, tol=settings.tol, max_steps=settings.steps)
+    eigen = summary.eigen
+    indicators = GroupIndicators(
+        epoch=run.epoch, group=group, lambda_max=summary.top[0], lambda_min=summary.bottom[0],
+        converged=summary.converged,
+        residuals=(float(eigen.top_residuals[0]), float(eigen.bottom_residuals[0])),
+        lanczos_steps=int(eigen.steps), seconds=summary.provenance.seconds)
+    if cache:
+        path.parent.mkdir(exist_ok=True)
+        entries = _read_entries(path)  # re-read: another process may have added entries
+        entries[key_id] = {"key": key, "result": indicators.to_json(),
+                           "summary": summary.to_json()}
+        atomic_write_json(path, {"format": CACHE_FORMAT, "entries": entries})
+    return indicators
+
+
+def group_density(run, group: str, settings: ReportSettings = DEFAULT_SETTINGS,
+                  cache: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """``(grid, density)``: the SLQ spectral density of ``group``'s Hessian at ``run``'s
+    checkpoint, cached in ``RUN_DIR/hessian/epoch_NNNN_GROUP_slq_KEY.npz``."""
+    from landscape.hessian import spectral_densities
+
+    key = _cache_key(run, group, "slq", settings)
+    path = _cache_folder(run) / f"epoch_{run.epoch:04d}_{group}_slq_{_key_id(key)}.npz"
+    if cache and path.exists():
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                if json.loads(str(f["key"])) == key:
+                    return f["grid"], f["density"]
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError):
+            pass  # damaged: recompute
+    density = spectral_densities(run, [group], probes=settings.probes, steps=settings.steps,
+                                 seed=settings.seed, split=settings.split)[group]
+    if cache:
+        path.parent.mkdir(exist_ok=True)
+        buffer = io.BytesIO()
+        np.savez(buffer, grid=density.grid, density=density.density, nodes=density.nodes,
+                 weights=density.weights, key=np.array(json.dumps(key, sort_keys=True)))
+        atomic_write_bytes(path, buffer.getvalue())
+    return density.grid, density.density

@@ -1,0 +1,61 @@
+"""What the saddle report computes (:class:`ReportSettings`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from landscape.errors import AnalysisError
+
+__all__ = ["ReportSettings", "DEFAULT_SETTINGS", "SPLITS"]
+
+SPLITS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class ReportSettings:
+    """What the report computes.
+
+    Attributes:
+        every: use checkpoints whose epoch is a multiple of ``every`` (and always the last).
+        steps: Lanczos steps at most for the extremes, and per SLQ probe.
+        probes: SLQ probes for the densities.
+        seed: seed of Lanczos's start vector and of the SLQ probes.
+        tol: relative residual tolerance of the extreme eigenpairs.
+        split: the groups' samples, ``train`` or ``test``.
+        groups: the groups compared.
+        densities: whether to estimate the final checkpoints' spectral densities.
+
+    Example:
+        >>> ReportSettings(steps=40).tol
+        0.0001
+        >>> ReportSettings(every=0)
+        Traceback (most recent call last):
+        ...
+        landscape.errors.AnalysisError: every must be an integer >= 1, got 0
+    """
+
+    every: int = 1
+    steps: int = 100
+    probes: int = 10
+    seed: int = 0
+    tol: float = 1e-4
+    split: str = "train"
+    groups: tuple[str, ...] = ("head", "tail")
+    densities: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("every", "steps", "probes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise AnalysisError(f"{name} must be an integer >= 1, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise AnalysisError(f"seed must be an integer >= 0, got {self.seed!r}")
+        if not (isinstance(self.tol, (int, float)) and 0 < self.tol < 1):
+            raise AnalysisError(f"tol must be in (0, 1), got {self.tol!r}")
+        if self.split not in SPLITS:
+            raise AnalysisError(f"split must be train or test, got {self.split!r}")
+        if not self.groups:
+            raise AnalysisError("no groups to compare")
+
+
+DEFAULT_SETTINGS = ReportSettings()
