@@ -1,0 +1,46 @@
+"""Streamed image-folder and list-file datasets: decoded in DataLoader workers, exact on resume.
+
+For sets whose ``uint8`` cache would not fit in memory (ImageNet-LT at 224 px is about 17 GB of
+training pixels), ``train.stream`` keeps only the file list and decodes every batch again:
+
+* :mod:`train.stream.loader`: :func:`load_stream` (the files and the long-tailed cut of
+  :func:`train.folder.load_folder`), :func:`make_loader` (one persistent DataLoader a run,
+  pinned memory on CUDA), :func:`stream_batches` (normalised batches on the device, the
+  streamed ``train.data.train_batches``), :func:`choose_decode` (``cache`` or ``stream``).
+* :mod:`train.stream.augment`: RandomResizedCrop + flip for training, resize + centre crop
+  for testing, with torchvision or with small tensor ops, from a generator per sample.
+* :mod:`train.stream.sampler`: :class:`EpochBatches`, the epoch's global order (the cached
+  path's permutation) split across torchrun ranks, from any batch on.
+
+What fixes a batch: ``(seed, epoch, batch number, rank, world)`` and the files; not the number
+of workers, not the batches read before it.
+
+Example:
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from PIL import Image
+    >>> root = Path(tempfile.mkdtemp())
+    >>> for split, n in (("train", 4), ("test", 2)):
+    ...     for name in ("cat", "dog"):
+    ...         (root / split / name).mkdir(parents=True)
+    ...         for i in range(n):
+    ...             Image.new("RGB", (20, 16), (60 * i, 0, 0)).save(root / split / name / f"{i}.png")
+    >>> data = load_stream(root, imb_factor=2, image_size=8)
+    >>> data.counts, len(data.train.paths), data.spec.image_shape
+    ([4, 2], 6, (3, 8, 8))
+    >>> loader = make_loader(data.train, True, 4, seed=0, image_size=8)
+    >>> [tuple(x.shape) for x, _ in stream_batches(loader, data.spec, epoch=0)]
+    [(4, 3, 8, 8), (2, 3, 8, 8)]
+"""
+
+from train.stream.augment import BACKENDS, CropFlip, draw_crop, sample_generator, \
+    test_transform, train_transform
+from train.stream.loader import CACHE_LIMIT_BYTES, DECODES, IMAGENET_MEAN, IMAGENET_STD, \
+    FolderImages, StreamData, StreamLoader, cache_bytes, choose_decode, load_stream, \
+    make_loader, stream_batches
+from train.stream.sampler import EpochBatches
+
+__all__ = ["BACKENDS", "CropFlip", "draw_crop", "sample_generator", "test_transform",
+           "train_transform", "CACHE_LIMIT_BYTES", "DECODES", "IMAGENET_MEAN", "IMAGENET_STD",
+           "FolderImages", "StreamData", "StreamLoader", "cache_bytes", "choose_decode",
+           "load_stream", "make_loader", "stream_batches", "EpochBatches"]
