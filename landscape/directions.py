@@ -19,10 +19,20 @@ with different weight scales are comparable. One-dimensional parameters (biases,
 scales and shifts) are set to zero (``one_d="zero"``, Li et al.'s ``biasbn`` ignore) or to the
 weights themselves (``one_d="weights"``).
 
+>>> import landscape
+>>> run = landscape.load(run_dir, device="cpu")
 >>> d1, d2 = random_directions(run.model, count=2, seed=0)
+>>> d1.kind, d1.vector.shape == flat_parameters(run.model).shape
+('random', True)
 >>> top, bottom = eigen_directions(run, "tail", seed=0)
->>> line = interpolation_direction(load(ckpt_a), load(ckpt_b))
->>> pca = trajectory_pca(run)          # pca.directions, pca.coordinates, pca.epochs
+>>> round(top.norm, 6), top.recipe["end"], bottom.recipe["end"]      # unit, float32
+(1.0, 'top', 'bottom')
+>>> start = landscape.load(f"{run_dir}/epoch_0000.pt", device="cpu")
+>>> interpolation_direction(start, run).kind          # alpha = 0: start, alpha = 1: run
+'interpolation'
+>>> pca = trajectory_pca(run)
+>>> pca.epochs, pca.coordinates.shape                 # checkpoints projected on 2 directions
+((0, 1, 2, 3), (4, 2))
 """
 
 from __future__ import annotations

@@ -17,16 +17,8 @@ Arrays are indexed ``[j, i]`` = ``(beta_j, alpha_i)``: rows follow ``betas``, co
 ``alphas`` (what ``matplotlib.contour(alphas, betas, Z)`` and plotly expect); a 1-D surface is
 indexed ``[i]``.
 
-How the grid points are evaluated (``method``), measured in ``bench/bench_surface.py`` (figures
-in BENCHMARKS.md, "Loss surfaces"):
-
-* ``"loop"`` (default): a Python loop over points. The model's parameters are views into one
-  flat buffer, so moving to a point is two vector operations (``w + a d1``, ``+ b d2``), then one
-  forward over the evaluation set in large batches.
-* ``"vmap"``: ``torch.func.vmap`` of ``functional_call`` over chunks of points, the chunk's
-  weights stacked. On the 2-core CPU it was slower than the loop for the digits MLP and CNN
-  (the batched matmuls and convolutions lose more than the saved Python overhead); it stays an
-  option for hardware where that may differ (GPUs: not measured yet).
+The grid points are evaluated by :class:`landscape.evaluator.SurfaceEvaluator` (``method``:
+``"loop"`` or ``"vmap"``).
 
 The surface file (``.npz``) is rewritten atomically every ``save_every`` points with what is
 done so far (``done`` mask, NaN elsewhere), so an interrupted computation resumes where it
@@ -37,7 +29,6 @@ grid, which is everything needed to recompute it.
 
 from __future__ import annotations
 
-import copy
 import io
 import json
 import zipfile
@@ -47,19 +38,16 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
-import torch.nn as nn
-from torch.func import functional_call
 
 from landscape import _distributed
 from landscape.directions import Direction
 from landscape.errors import AnalysisError
-from landscape.layout import ParamLayout
+from landscape.evaluator import METHODS, SurfaceEvaluator
 from train.io import atomic_write_bytes
 
 __all__ = ["Surface", "SurfaceEvaluator", "compute_surface", "grid_axis", "METHODS", "FORMAT"]
 
 FORMAT = "landscape-surface/1"
-METHODS = ("loop", "vmap")
 # Settings that do not change the numbers beyond rounding: a file may be resumed with others.
 _NOT_IDENTITY = ("method", "batch_size", "request")
 
@@ -75,122 +63,6 @@ def grid_axis(points: int, low: float = -1.0, high: float = 1.0) -> np.ndarray:
     if not (np.isfinite(low) and np.isfinite(high) and low < high):
         raise AnalysisError(f"grid range must be finite with low < high, got [{low}, {high}]")
     return np.linspace(float(low), float(high), int(points))
-
-
-class SurfaceEvaluator:
-    """Group losses and accuracies at points :math:`w + \\sum_k c_k d_k`.
-
-    Args:
-        model: the network at ``w``; it is copied (cast to ``dtype``, eval mode, no gradients),
-            the caller's module is left untouched.
-        loss_fn: per-sample loss ``(logits, targets) -> (B,)``.
-        inputs, targets: the evaluation set (normalised, not augmented).
-        memberships: ``(G, N)`` bool, sample ``i`` belongs to group ``g``.
-        directions: flat vectors over the trainable parameters.
-        dtype: dtype of weights, inputs and forward passes.
-        method: ``"loop"`` or ``"vmap"`` (module docstring).
-        batch_size: samples per forward (default: all of them, at most 4096).
-        chunk: points per vmapped call.
-    """
-
-    def __init__(self, model: nn.Module, loss_fn: Callable, inputs: torch.Tensor,
-                 targets: torch.Tensor, memberships: torch.Tensor,
-                 directions: Sequence[torch.Tensor], *, dtype: torch.dtype = torch.float32,
-                 method: str = "loop", batch_size: Optional[int] = None, chunk: int = 8):
-        if method not in METHODS:
-            raise AnalysisError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-        self.method = method
-        self.dtype = dtype
-        self.chunk = max(1, int(chunk))
-        self.model = copy.deepcopy(model).to(dtype=dtype).eval()
-        self.loss_fn = loss_fn
-        device = next(iter(self.model.parameters())).device
-        self.device = device
-        # Directions cover the trainable parameters only (landscape.layout).
-        self.layout = ParamLayout.of(self.model)
-        params = self.layout.parameters(self.model)
-        self.model.requires_grad_(False)
-        n = self.layout.n
-        for d in directions:
-            if d.numel() != n:
-                raise AnalysisError(f"a direction has {d.numel()} entries, the model {n} "
-                                    "parameters (direction of another model?)")
-        # The parameters become views into one flat buffer: a grid point is then written with
-        # one or two vector operations instead of one copy per parameter tensor.
-        self.flat = self.layout.share_storage(params)
-        self.w0 = self.flat.clone()
-        self.directions = torch.stack([d.to(device, dtype).reshape(-1) for d in directions])
-        self.buffers = dict(self.model.named_buffers())
-        self.inputs = inputs.to(device, dtype)
-        self.targets = targets.to(device)
-        self.memberships = memberships.to(device, torch.float64)
-        self.counts = self.memberships.sum(dim=1)
-        if bool((self.counts == 0).any()):
-            raise AnalysisError("a group has no samples in the evaluation set")
-        n_samples = int(self.targets.shape[0])
-        self.batch_size = int(batch_size) if batch_size else max(1, min(n_samples, 4096))
-
-    def _reduce(self, losses: torch.Tensor, hits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-sample ``(P, N)`` losses and hits -> per-group ``(P, G)`` means."""
-        group_loss = losses.to(torch.float64) @ self.memberships.T / self.counts
-        group_acc = 100.0 * (hits.to(torch.float64) @ self.memberships.T) / self.counts
-        return group_loss, group_acc
-
-    @torch.inference_mode()
-    def _loop(self, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        n_samples = self.targets.shape[0]
-        losses = torch.empty(coords.shape[0], n_samples, dtype=self.dtype, device=self.device)
-        hits = torch.empty(coords.shape[0], n_samples, dtype=torch.bool, device=self.device)
-        for row, c in enumerate(coords.tolist()):
-            torch.add(self.w0, self.directions[0], alpha=c[0], out=self.flat)
-            for k in range(1, len(c)):
-                self.flat.add_(self.directions[k], alpha=c[k])
-            for start in range(0, n_samples, self.batch_size):
-                stop = start + self.batch_size
-                logits = self.model(self.inputs[start:stop])
-                y = self.targets[start:stop]
-                losses[row, start:stop] = self.loss_fn(logits, y)
-                hits[row, start:stop] = logits.argmax(dim=1) == y
-        return self._reduce(losses, hits)
-
-    @torch.inference_mode()
-    def _vmap(self, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        n_samples = self.targets.shape[0]
-        layout, model, buffers = self.layout, self.model, self.buffers
-
-        def forward(flat_weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-            return functional_call(model, {**layout.named(flat_weights), **buffers}, (x,))
-
-        batched = torch.func.vmap(forward, in_dims=(0, None))
-        out_loss, out_acc = [], []
-        for first in range(0, coords.shape[0], self.chunk):
-            block = coords[first:first + self.chunk].to(self.device, self.dtype)
-            weights = self.w0 + block @ self.directions          # (K, n)
-            k = weights.shape[0]
-            losses = torch.empty(k, n_samples, dtype=self.dtype, device=self.device)
-            hits = torch.empty(k, n_samples, dtype=torch.bool, device=self.device)
-            for start in range(0, n_samples, self.batch_size):
-                stop = start + self.batch_size
-                x, y = self.inputs[start:stop], self.targets[start:stop]
-                logits = batched(weights, x)                     # (K, B, C)
-                flat_logits = logits.reshape(-1, logits.shape[-1])
-                losses[:, start:stop] = self.loss_fn(flat_logits, y.repeat(k)).view(k, -1)
-                hits[:, start:stop] = logits.argmax(dim=-1) == y
-            group_loss, group_acc = self._reduce(losses, hits)
-            out_loss.append(group_loss)
-            out_acc.append(group_acc)
-        return torch.cat(out_loss), torch.cat(out_acc)
-
-    def __call__(self, coords: Union[np.ndarray, Sequence[Sequence[float]]]
-                 ) -> tuple[np.ndarray, np.ndarray]:
-        """``(P, k)`` coordinates -> ``(P, G)`` mean losses and ``(P, G)`` accuracies in %."""
-        coords = torch.as_tensor(np.asarray(coords, dtype=np.float64)).reshape(
-            -1, self.directions.shape[0])
-        if self.method == "loop":
-            loss, acc = self._loop(coords)
-        else:
-            loss, acc = self._vmap(coords)
-        return loss.cpu().numpy(), acc.cpu().numpy()
 
 
 @dataclass(frozen=True, eq=False)
@@ -293,6 +165,82 @@ def _changed(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
+def _check_grid(alphas, betas, directions) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    alphas = np.asarray(alphas, dtype=np.float64)
+    if betas is not None:
+        betas = np.asarray(betas, dtype=np.float64)
+    for axis in (alphas, betas):
+        if axis is not None and (axis.ndim != 1 or len(axis) < 2):
+            raise AnalysisError(f"a grid needs at least 2 points per axis, got {axis.size}")
+    wanted = 1 if betas is None else 2
+    if len(directions) != wanted:
+        raise AnalysisError(f"a {wanted}-D surface needs {wanted} direction(s), "
+                            f"got {len(directions)}")
+    return alphas, betas
+
+
+def _meta(run, directions, alphas, betas, names, classes, split, loss_name, dtype, method,
+          batch_size, request) -> dict:
+    """Everything that defines the surface (and the settings that do not, _NOT_IDENTITY)."""
+    return {
+        "format": FORMAT, "checkpoint": str(run.path), "epoch": int(run.epoch),
+        "run_dir": str(run.run_dir), "dataset": run.config.dataset, "model": run.config.model,
+        "directions": [{"kind": d.kind, "recipe": dict(d.recipe), "digest": d.digest(),
+                        "norm": d.norm} for d in directions],
+        "group_names": names, "groups": classes, "split": split, "loss": loss_name,
+        "dtype": str(dtype).replace("torch.", ""), "alphas": alphas.tolist(),
+        "betas": None if betas is None else betas.tolist(),
+        "method": method, "batch_size": batch_size, "request": dict(request or {}),
+    }
+
+
+def _start(path, alphas, betas, names, vectors, meta) -> Surface:
+    """An empty surface, or what the file at ``path`` holds of this one (to resume)."""
+    shape = (len(alphas),) if betas is None else (len(betas), len(alphas))
+    if path is None or not Path(path).exists():
+        return Surface(alphas, betas, {g: np.full(shape, np.nan) for g in names},
+                       {g: np.full(shape, np.nan) for g in names}, np.zeros(shape, dtype=bool),
+                       vectors, meta)
+    previous = Surface.load(path)
+    changed = _changed(previous.meta, meta)
+    if changed:
+        raise AnalysisError(f"{path} holds a surface with other settings "
+                            f"({', '.join(changed)}); remove it or choose another output")
+    return Surface(alphas, betas, {g: previous.loss[g].copy() for g in names},
+                   {g: previous.accuracy[g].copy() for g in names}, previous.done.copy(),
+                   vectors, meta)
+
+
+def _fill(surface: Surface, evaluator: SurfaceEvaluator, save_every: Optional[int], path,
+          progress: Optional[Callable[[int], object]]) -> None:
+    """Evaluates the points not done yet, block by block, saving after each block."""
+    alphas, betas, names = surface.alphas, surface.betas, surface.groups
+    if betas is None:
+        coords = alphas[:, None]
+    else:
+        b, a = np.meshgrid(betas, alphas, indexing="ij")         # row j: beta_j
+        coords = np.stack([a.reshape(-1), b.reshape(-1)], axis=1)
+    flat_done = surface.done.reshape(-1)
+    pending = np.flatnonzero(~flat_done)
+    if save_every is None:
+        save_every = len(alphas) if betas is not None else max(1, len(alphas) // 10)
+    save_every = max(1, int(save_every))
+    flat_loss = {g: surface.loss[g].reshape(-1) for g in names}      # views: writes land in place
+    flat_acc = {g: surface.accuracy[g].reshape(-1) for g in names}
+    for first in range(0, len(pending), save_every):
+        block = pending[first:first + save_every]
+        # Under torchrun the block's points are shared out and gathered on every rank.
+        group_loss, group_acc = _distributed.evaluate_shared(evaluator, coords[block])
+        for k, g in enumerate(names):
+            flat_loss[g][block] = group_loss[:, k]
+            flat_acc[g][block] = group_acc[:, k]
+        flat_done[block] = True
+        if path is not None and _distributed.is_writer():  # rank 0 writes under torchrun
+            surface.save(path)
+        if progress is not None:
+            progress(len(block))
+
+
 def compute_surface(run, directions: Sequence[Direction], alphas: Sequence[float],
                     betas: Optional[Sequence[float]] = None, *,
                     groups: Sequence[str] = ("head", "tail"), split: str = "train",
@@ -322,77 +270,35 @@ def compute_surface(run, directions: Sequence[Direction], alphas: Sequence[float
     Raises:
         AnalysisError: a grid with fewer than 2 points, a direction count that does not match
             the grid, or a file at ``path`` holding a surface with other settings.
+
+    Example:
+        >>> import landscape
+        >>> from landscape.directions import random_directions
+        >>> run = landscape.load(run_dir, device="cpu")
+        >>> axis = grid_axis(5)
+        >>> s = compute_surface(run, random_directions(run.model, 2, seed=0), axis, axis)
+        >>> s.groups, s.loss["tail"].shape, s.complete
+        (['head', 'tail', 'all'], (5, 5), True)
+        >>> loss, accuracy = s.centre("all")          # at w itself
+        >>> bool(loss < s.loss["all"].max()), 0 <= accuracy <= 100
+        (True, True)
     """
-    alphas = np.asarray(alphas, dtype=np.float64)
-    if alphas.ndim != 1 or len(alphas) < 2:
-        raise AnalysisError(f"a grid needs at least 2 points per axis, got {alphas.size}")
-    if betas is not None:
-        betas = np.asarray(betas, dtype=np.float64)
-        if betas.ndim != 1 or len(betas) < 2:
-            raise AnalysisError(f"a grid needs at least 2 points per axis, got {betas.size}")
-    wanted = 1 if betas is None else 2
-    if len(directions) != wanted:
-        raise AnalysisError(f"a {wanted}-D surface needs {wanted} direction(s), "
-                            f"got {len(directions)}")
+    alphas, betas = _check_grid(alphas, betas, directions)
     names = list(dict.fromkeys(str(g) for g in groups))
     if "all" not in names:
         names.append("all")
     classes = {name: run.classes(name) for name in names}
-    loss_name = loss or run.config.loss
-    meta = {
-        "format": FORMAT, "checkpoint": str(run.path), "epoch": int(run.epoch),
-        "run_dir": str(run.run_dir), "dataset": run.config.dataset, "model": run.config.model,
-        "directions": [{"kind": d.kind, "recipe": dict(d.recipe), "digest": d.digest(),
-                        "norm": d.norm} for d in directions],
-        "group_names": names, "groups": classes, "split": split, "loss": loss_name,
-        "dtype": str(dtype).replace("torch.", ""), "alphas": alphas.tolist(),
-        "betas": None if betas is None else betas.tolist(),
-        "method": method, "batch_size": batch_size, "request": dict(request or {}),
-    }
-    shape = (len(alphas),) if betas is None else (len(betas), len(alphas))
-    surface = Surface(alphas, betas, {g: np.full(shape, np.nan) for g in names},
-                      {g: np.full(shape, np.nan) for g in names}, np.zeros(shape, dtype=bool),
-                      tuple(d.vector.float().numpy().copy() for d in directions), meta)
-    if path is not None and Path(path).exists():
-        previous = Surface.load(path)
-        changed = _changed(previous.meta, meta)
-        if changed:
-            raise AnalysisError(f"{path} holds a surface with other settings "
-                                f"({', '.join(changed)}); remove it or choose another output")
-        surface = Surface(alphas, betas, {g: previous.loss[g].copy() for g in names},
-                          {g: previous.accuracy[g].copy() for g in names}, previous.done.copy(),
-                          surface.directions, meta)
+    meta = _meta(run, directions, alphas, betas, names, classes, split, loss or run.config.loss,
+                 dtype, method, batch_size, request)
+    vectors = tuple(d.vector.float().numpy().copy() for d in directions)
+    surface = _start(path, alphas, betas, names, vectors, meta)
     if surface.complete:
         return surface
-
     inputs, targets = run.group_data("all", split)
     memberships = torch.stack([torch.isin(targets, torch.tensor(classes[g], device=targets.device))
                                for g in names])
     evaluator = SurfaceEvaluator(run.model, run.loss_fn(loss), inputs, targets, memberships,
                                  [d.vector for d in directions], dtype=dtype, method=method,
                                  batch_size=batch_size)
-    if betas is None:
-        coords = alphas[:, None]
-    else:
-        b, a = np.meshgrid(betas, alphas, indexing="ij")         # row j: beta_j
-        coords = np.stack([a.reshape(-1), b.reshape(-1)], axis=1)
-    flat_done = surface.done.reshape(-1)
-    pending = np.flatnonzero(~flat_done)
-    if save_every is None:
-        save_every = len(alphas) if betas is not None else max(1, len(alphas) // 10)
-    save_every = max(1, int(save_every))
-    flat_loss = {g: surface.loss[g].reshape(-1) for g in names}      # views: writes land in place
-    flat_acc = {g: surface.accuracy[g].reshape(-1) for g in names}
-    for first in range(0, len(pending), save_every):
-        block = pending[first:first + save_every]
-        # Under torchrun the block's points are shared out and gathered on every rank.
-        group_loss, group_acc = _distributed.evaluate_shared(evaluator, coords[block])
-        for k, g in enumerate(names):
-            flat_loss[g][block] = group_loss[:, k]
-            flat_acc[g][block] = group_acc[:, k]
-        flat_done[block] = True
-        if path is not None and _distributed.is_writer():  # rank 0 writes under torchrun
-            surface.save(path)
-        if progress is not None:
-            progress(len(block))
+    _fill(surface, evaluator, save_every, path, progress)
     return surface
