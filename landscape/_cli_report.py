@@ -74,9 +74,8 @@ def _settings(args):
 
 
 def _set_threads(args, default=None) -> None:
-    """The command's CPU threads. For the digits MLP one thread was measured 6-10x faster
-    than two for the Lanczos / SLQ work on the shared 2-core machine (tiny operations lose
-    more to thread synchronisation than they gain), hence the demo's default of 1."""
+    """The command's CPU threads. The demo's default is 1: its tiny operations lose more to
+    thread synchronisation than they gain (BENCHMARKS.md, "Hessian analysis")."""
     threads = args.threads if args.threads is not None else default
     if threads is None:
         return

@@ -15,8 +15,8 @@ floating-point rounding).
 Vectors are flat, in the layout of :class:`landscape.layout.ParamLayout` (the trainable
 parameters of ``model.named_parameters()`` in that order, each flattened).
 
-How the HVP is computed (``method``), measured on CPU (2 cores; ``bench/bench_hessian.py``, figures
-in BENCHMARKS.md):
+How the HVP is computed (``method``; ``bench/bench_hessian.py`` compares them, figures in
+BENCHMARKS.md, "Hessian analysis"):
 
 * ``"double-backward"`` (reverse-over-reverse): one forward, one backward with
   ``create_graph=True`` for the gradient, then one backward of ``<grad, v>``. A block of ``k``
@@ -25,10 +25,15 @@ in BENCHMARKS.md):
 * ``"forward-over-reverse"``: ``torch.func.jvp`` of ``torch.func.grad``, ``vmap``-ed over the
   columns of a block.
 
-``"double-backward"`` is the default, by measurement (BENCHMARKS.md, "Hessian analysis"): on
-the digits MLP and the BatchNorm CNN it gave the fastest single product (forward-over-reverse was
-4.6-5.5x slower) and the fastest block of 10 on the MLP, a tie on the CNN; keeping the single
-batch's gradient graph (``cache_graph``) saved a further 1.6-1.9x. Not measured on a GPU yet.
+``"double-backward"`` is the default, by that measurement, and so is keeping the single
+batch's gradient graph between products (``cache_graph``).
+
+>>> import torch
+>>> model = torch.nn.Linear(3, 2)
+>>> x, y = torch.randn(8, 3), torch.tensor([0, 1] * 4)
+>>> op = GroupHessian(model, torch.nn.CrossEntropyLoss(reduction="none"), x, y)
+>>> op.n_params, tuple(op.matmat(torch.eye(op.n_params, dtype=torch.float64)).shape), op.hvps
+(8, (8, 8), 8)
 """
 
 from __future__ import annotations
