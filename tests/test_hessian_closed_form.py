@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from landscape.hvp import GroupHessian
-from landscape.lanczos import extreme_eigenpairs
+from landscape.eigen import extreme_eigenpairs
 
 N, D, C = 40, 5, 4
 
