@@ -1,4 +1,4 @@
-"""Streamed image-folder and list-file datasets: decoded in DataLoader workers, exact on resume.
+r"""Streamed image-folder and list-file datasets: decoded in DataLoader workers, exact on resume.
 
 For sets whose ``uint8`` cache would not fit in memory (ImageNet-LT at 224 px is about 17 GB of
 training pixels), ``train.stream`` keeps only the file list and decodes every batch again:
@@ -19,18 +19,18 @@ Example:
     >>> import tempfile
     >>> from pathlib import Path
     >>> from PIL import Image
-    >>> root = Path(tempfile.mkdtemp())
-    >>> for split, n in (("train", 4), ("test", 2)):
-    ...     for name in ("cat", "dog"):
-    ...         (root / split / name).mkdir(parents=True)
-    ...         for i in range(n):
-    ...             Image.new("RGB", (20, 16), (60 * i, 0, 0)).save(root / split / name / f"{i}.png")
-    >>> data = load_stream(root, imb_factor=2, image_size=8)
-    >>> data.counts, len(data.train.paths), data.spec.image_shape
-    ([4, 2], 6, (3, 8, 8))
+    >>> root = Path(tempfile.mkdtemp())  # ImageNet-LT style: two list files
+    >>> for i in range(6):
+    ...     Image.new("RGB", (20, 16), (40 * i, 0, 0)).save(root / f"{i}.png")
+    >>> _ = (root / "train.txt").write_text("0.png 0\n1.png 0\n2.png 1\n3.png 0\n")
+    >>> _ = (root / "test.txt").write_text("4.png 0\n5.png 1\n")
+    >>> data = load_stream(root, image_size=8, train_list=root / "train.txt",
+    ...                    test_list=root / "test.txt")
+    >>> data.counts, data.test.paths, data.spec.image_shape
+    ([3, 1], ('4.png', '5.png'), (3, 8, 8))
     >>> loader = make_loader(data.train, True, 4, seed=0, image_size=8)
     >>> [tuple(x.shape) for x, _ in stream_batches(loader, data.spec, epoch=0)]
-    [(4, 3, 8, 8), (2, 3, 8, 8)]
+    [(4, 3, 8, 8)]
 """
 
 from train.stream.augment import BACKENDS, CropFlip, draw_crop, sample_generator, \
