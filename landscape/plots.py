@@ -23,11 +23,15 @@ from train.io import atomic_write_bytes  # noqa: E402
 PathLike = Union[str, Path]
 
 
-def _save_png(fig, path: PathLike, dpi: int = 120) -> Path:
+def _png_bytes(fig, dpi: int = 120) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
     plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
+    return buffer.getvalue()
+
+
+def _save_png(fig, path: PathLike, dpi: int = 120) -> Path:
+    atomic_write_bytes(path, _png_bytes(fig, dpi))
     return Path(path)
 
 
@@ -241,63 +245,6 @@ def plot_indicators_html(series, path: PathLike, switches: Optional[Mapping[str,
     return _save_html(fig, path)
 
 
-def plot_group_densities_png(densities: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]],
-                             path: PathLike, epochs: Optional[Mapping[str, int]] = None) -> Path:
-    """Head vs tail spectral densities, one panel per run.
-
-    Args:
-        densities: run label -> group -> ``(grid, density)``.
-        epochs: run label -> epoch of the checkpoint shown.
-    """
-    n = max(1, len(densities))
-    cols = min(n, 2)
-    rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 3.6 * rows), squeeze=False)
-    for k, (run_label, per_group) in enumerate(densities.items()):
-        ax = axes[k // cols][k % cols]
-        peak = 1e-12
-        for group, (grid, density) in per_group.items():
-            ax.semilogy(grid, np.clip(density, 1e-12, None), label=group)
-            peak = max(peak, float(np.max(density)))
-        ax.set_ylim(bottom=peak * 1e-7)  # below that: only the Gaussians' far tails
-        ax.axvline(0, color="black", linewidth=0.6)
-        epoch = (epochs or {}).get(run_label)
-        ax.set_title(run_label + (f" (epoch {epoch})" if epoch is not None else ""))
-        ax.set_xlabel("eigenvalue")
-        ax.set_ylabel("density")
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-    for k in range(len(densities), rows * cols):
-        axes[k // cols][k % cols].set_visible(False)
-    fig.suptitle("Hessian spectral densities (SLQ), head vs tail")
-    fig.tight_layout()
-    return _save_png(fig, path)
-
-
-def plot_group_densities_html(densities, path: PathLike,
-                              epochs: Optional[Mapping[str, int]] = None) -> Path:
-    """Interactive version of :func:`plot_group_densities_png`."""
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-
-    labels = list(densities)
-    cols = min(max(1, len(labels)), 2)
-    rows = math.ceil(max(1, len(labels)) / cols)
-    titles = [label + (f" (epoch {(epochs or {}).get(label)})" if (epochs or {}).get(label)
-                       is not None else "") for label in labels]
-    fig = make_subplots(rows=rows, cols=cols, subplot_titles=titles)
-    colors = {"head": "#1f77b4", "tail": "#d62728"}
-    for k, label in enumerate(labels):
-        for group, (grid, density) in densities[label].items():
-            fig.add_trace(go.Scatter(x=grid, y=np.clip(density, 1e-12, None), mode="lines",
-                                     name=group, legendgroup=group, showlegend=(k == 0),
-                                     line={"color": colors.get(group)}),
-                          row=k // cols + 1, col=k % cols + 1)
-    fig.update_yaxes(type="log")
-    fig.update_layout(height=350 * rows, title="Hessian spectral densities, head vs tail")
-    return _save_html(fig, path)
-
-
 # --------------------------------------------------------------------------------------------
 # Spectral densities (landscape.slq): head and tail on one figure, as in the Saddle-SAM
 # figures: symmetric-log eigenvalue axis, log density axis.
@@ -329,11 +276,13 @@ def _symlog(x: np.ndarray, c: float) -> np.ndarray:
     return np.where(a <= 1, x / c, np.sign(x) * (1 + np.log10(np.maximum(a, 1))))
 
 
-def render_densities_png(densities: Mapping[str, object], title: str = "",
-                         linthresh: Optional[float] = None, floor: float = DENSITY_FLOOR) -> bytes:
-    """PNG bytes of the densities of several groups on one axis (see :func:`plot_densities_png`)."""
-    c = linthresh or symlog_threshold(densities)
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+def _panel_grid(count: int) -> tuple[int, int]:
+    cols = min(max(1, count), 2)
+    return math.ceil(max(1, count) / cols), cols
+
+
+def _draw_densities(ax, densities: Mapping[str, object], c: float, floor: float,
+                    title: str) -> None:
     for label, value in densities.items():
         grid, density = _grid_and_density(value)
         ax.plot(grid, np.maximum(density, floor), label=label, color=_GROUP_COLORS.get(label),
@@ -344,51 +293,100 @@ def render_densities_png(densities: Mapping[str, object], title: str = "",
     ax.set_ylabel("density")
     ax.axvline(0, color="black", linewidth=0.5)
     ax.grid(alpha=0.3)
-    ax.legend()
-    ax.set_title(title or "Hessian spectral density (SLQ)")
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return buffer.getvalue()
+    ax.legend(fontsize=7)
+    ax.set_title(title)
 
 
-def render_densities_html(densities: Mapping[str, object], title: str = "",
-                          linthresh: Optional[float] = None, floor: float = DENSITY_FLOOR) -> str:
-    """Self-contained plotly HTML (works offline) of :func:`render_densities_png`'s figure.
+def _linthresh(panels: Mapping[str, Mapping[str, object]], linthresh: Optional[float]) -> float:
+    """One symmetric-log threshold for every panel, so that they can be compared."""
+    every = {f"{p} {g}": v for p, groups in panels.items() for g, v in groups.items()}
+    return linthresh or symlog_threshold(every)
+
+
+def render_density_panels_png(panels: Mapping[str, Mapping[str, object]], title: str = "",
+                              linthresh: Optional[float] = None,
+                              floor: float = DENSITY_FLOOR) -> bytes:
+    """PNG bytes of spectral densities, one panel per entry of ``panels`` (panel title ->
+    group label -> ``SpectralDensity`` or ``(grid, density)``), every group of a panel on one
+    symmetric-log eigenvalue axis with a log density axis; the same axis scale in every panel.
+    The one density figure of the project: the ``spectrum`` command draws one panel, the report
+    one per run."""
+    c = _linthresh(panels, linthresh)
+    rows, cols = _panel_grid(len(panels))
+    fig, axes = plt.subplots(rows, cols, figsize=(6.4 * cols, 4.2 * rows), squeeze=False)
+    for k, (name, densities) in enumerate(panels.items()):
+        _draw_densities(axes[k // cols][k % cols], densities, c, floor, name)
+    for k in range(len(panels), rows * cols):
+        axes[k // cols][k % cols].set_visible(False)
+    if len(panels) > 1 and title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _png_bytes(fig)
+
+
+def render_density_panels_html(panels: Mapping[str, Mapping[str, object]], title: str = "",
+                               linthresh: Optional[float] = None,
+                               floor: float = DENSITY_FLOOR) -> str:
+    """Self-contained plotly HTML (works offline) of :func:`render_density_panels_png`'s figure.
 
     Plotly has no symmetric-log axis, so the eigenvalues are mapped by matplotlib's symlog formula
     and the ticks are labelled with the eigenvalues themselves; hovering shows the eigenvalue."""
     import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
 
-    c = linthresh or symlog_threshold(densities)
-    fig = go.Figure()
-    top = 0.0
-    for label, value in densities.items():
-        grid, density = _grid_and_density(value)
-        top = max(top, float(np.abs(grid).max()))
-        fig.add_trace(go.Scatter(x=_symlog(grid, c), y=np.maximum(density, floor), mode="lines",
-                                 name=label, customdata=grid, line={"color": _GROUP_COLORS.get(label)},
-                                 hovertemplate="eigenvalue %{customdata:.4g}<br>density %{y:.3g}"))
+    c = _linthresh(panels, linthresh)
+    rows, cols = _panel_grid(len(panels))
+    fig = make_subplots(rows=rows, cols=cols,
+                        subplot_titles=list(panels) if len(panels) > 1 else None)
+    top, shown = 0.0, set()
+    for k, densities in enumerate(panels.values()):
+        for label, value in densities.items():
+            grid, density = _grid_and_density(value)
+            top = max(top, float(np.abs(grid).max()))
+            fig.add_trace(go.Scatter(
+                x=_symlog(grid, c), y=np.maximum(density, floor), mode="lines", name=label,
+                legendgroup=label, showlegend=label not in shown, customdata=grid,
+                line={"color": _GROUP_COLORS.get(label)},
+                hovertemplate="eigenvalue %{customdata:.4g}<br>density %{y:.3g}"),
+                row=k // cols + 1, col=k % cols + 1)
+            shown.add(label)
     decades = int(math.ceil(math.log10(max(top / c, 1.0)))) if top > 0 else 0
     ticks = [0.0] + [s * c * 10.0 ** k for k in range(decades + 1) for s in (1, -1)]
     fig.update_xaxes(tickvals=_symlog(np.array(ticks), c).tolist(),
                      ticktext=[f"{t:g}" for t in ticks],
                      title=f"eigenvalue (symmetric log, linear in [-{c:g}, {c:g}])")
     fig.update_yaxes(type="log", title="density")
-    fig.update_layout(title=title or "Hessian spectral density (SLQ)", template="plotly_white")
+    fig.update_layout(title=title or next(iter(panels), ""), template="plotly_white",
+                      height=max(450, 350 * rows))
     return fig.to_html(include_plotlyjs=True, full_html=True)
 
 
-def plot_densities_png(densities: Mapping[str, object], path: PathLike, title: str = "",
-                       linthresh: Optional[float] = None) -> Path:
-    """Spectral densities of several groups (``label -> SpectralDensity`` or ``(grid,
-    density)``) on one figure: symmetric-log eigenvalue axis, log density axis."""
-    atomic_write_bytes(path, render_densities_png(densities, title, linthresh))
+_DENSITY_TITLE = "Hessian spectral density (SLQ)"
+
+
+def render_densities_png(densities: Mapping[str, object], title: str = "",
+                         linthresh: Optional[float] = None, floor: float = DENSITY_FLOOR) -> bytes:
+    """PNG bytes of the densities of several groups on one axis (see :func:`plot_densities_png`)."""
+    return render_density_panels_png({title or _DENSITY_TITLE: densities}, title, linthresh,
+                                     floor)
+
+
+def render_densities_html(densities: Mapping[str, object], title: str = "",
+                          linthresh: Optional[float] = None, floor: float = DENSITY_FLOOR) -> str:
+    """Interactive version of :func:`render_densities_png`."""
+    return render_density_panels_html({title or _DENSITY_TITLE: densities}, title, linthresh,
+                                      floor)
+
+
+def plot_density_panels_png(panels: Mapping[str, Mapping[str, object]], path: PathLike,
+                            title: str = "", linthresh: Optional[float] = None) -> Path:
+    """Writes :func:`render_density_panels_png`'s figure (panel title -> group -> density)."""
+    atomic_write_bytes(path, render_density_panels_png(panels, title, linthresh))
     return Path(path)
 
 
-def plot_densities_html(densities: Mapping[str, object], path: PathLike, title: str = "",
-                        linthresh: Optional[float] = None) -> Path:
-    """Interactive, offline version of :func:`plot_densities_png`."""
-    atomic_write_bytes(path, render_densities_html(densities, title, linthresh).encode("utf-8"))
+def plot_density_panels_html(panels: Mapping[str, Mapping[str, object]], path: PathLike,
+                             title: str = "", linthresh: Optional[float] = None) -> Path:
+    """Writes :func:`render_density_panels_html`'s figure: interactive, opens offline."""
+    atomic_write_bytes(path, render_density_panels_html(panels, title, linthresh).encode())
     return Path(path)

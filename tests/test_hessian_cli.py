@@ -183,8 +183,8 @@ def test_density_plot_functions_write_files_and_the_symlog_axis_is_continuous(tm
 
     grid = np.linspace(-2.0, 50.0, 500)
     densities = {"head": (grid, np.exp(-grid ** 2)), "tail": (grid, np.exp(-(grid - 1) ** 2))}
-    png = plots.plot_densities_png(densities, tmp_path / "d.png", title="t")
-    html = plots.plot_densities_html(densities, tmp_path / "d.html")
+    png = plots.plot_density_panels_png({"t": densities}, tmp_path / "d.png")
+    html = plots.plot_density_panels_html({"a": densities, "b": densities}, tmp_path / "d.html")
     assert png.read_bytes()[:4] == b"\x89PNG" and "plotly" in html.read_text()
     c = plots.symlog_threshold(densities)
     assert c == 0.01  # 1e-3 * 50, down to a power of ten

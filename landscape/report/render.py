@@ -35,12 +35,13 @@ def write_report(report: SaddleReport, out: PathLike) -> list[Path]:
     groups = report.settings.groups
     written.append(plots.plot_indicators_png(series, out / "indicators.png", switches, groups))
     written.append(plots.plot_indicators_html(series, out / "indicators.html", switches, groups))
-    densities = {r.label: dict(r.densities) for r in report.runs if r.densities}
-    epochs = {r.label: r.final_epoch for r in report.runs}
+    # One panel per run: its groups' densities at its final checkpoint.
+    densities = {f"{r.label} (epoch {r.final_epoch})": dict(r.densities) for r in report.runs
+                 if r.densities}
     if densities:
-        written.append(plots.plot_group_densities_png(densities, out / "densities.png", epochs))
-        written.append(plots.plot_group_densities_html(densities, out / "densities.html",
-                                                       epochs))
+        title = f"Hessian spectral densities (SLQ), {' vs '.join(groups)}"
+        written.append(plots.plot_density_panels_png(densities, out / "densities.png", title))
+        written.append(plots.plot_density_panels_html(densities, out / "densities.html", title))
     table = report.to_markdown()
     for name, text in (("table.csv", report.to_csv()), ("table.md", table),
                        ("report.md", _report_markdown(report, table, densities))):
