@@ -181,16 +181,21 @@ def _actions():
     return {a.dest: a for a in build_parser()._actions if a.option_strings}
 
 
-def test_choices_are_the_vocabulary():
+def test_choices_are_the_vocabulary(tmp_path, monkeypatch):
+    from _folders import write_folder
     from train.options import CHOICES
 
+    monkeypatch.setenv("SSE_CACHE_DIR", str(tmp_path / "cache"))
+    images = str(write_folder(tmp_path / "images"))  # dataset folder needs one to be valid
     actions = _actions()
     for name, allowed in CHOICES.items():
         assert tuple(actions[name].choices) == allowed, name
         for value in allowed:  # every listed value is a valid config
             if name == "model" and value == "resnet34":
                 continue  # valid, only slow to build below; checked by the next line
-            assert getattr(Config(**{name: value}), name) == value
+            extra = ({"data_dir": images, "imb_factor": 2.0} if (name, value) == ("dataset", "folder")
+                     else {})
+            assert getattr(Config(**{name: value}, **extra), name) == value
         with pytest.raises(ValueError, match="choose from " + ", ".join(allowed)):
             Config(**{name: "no-such-" + name})
 

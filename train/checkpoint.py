@@ -29,16 +29,20 @@ import sys
 import warnings
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
+from train.config import Config, ConfigError
+from train.data import DataError, split_groups
 from train.io import atomic_write_bytes, atomic_write_json, summarize
-from train.run_folder import CHECKPOINT_RE, CONFIG, MANIFEST, METRICS, checkpoint_name, is_own_temp
+from train.run_folder import BEST, CHECKPOINT_RE, CONFIG, MANIFEST, METRICS, checkpoint_name, \
+    is_own_temp
 
 __all__ = [
     "CheckpointError", "save_checkpoint", "load_checkpoint", "list_checkpoints", "checkpoint_path",
-    "read_config", "read_metrics", "clean_stale_temps", "FORMAT", "MANIFEST",
+    "read_config", "check_derived", "read_metrics", "recorded_epochs", "clean_stale_temps",
+    "FORMAT", "MANIFEST",
 ]
 
 FORMAT = "sse-sam-checkpoint/1"
@@ -66,6 +70,7 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
 
 
 def read_config(run_dir: str | os.PathLike) -> dict:
+    """``config.json`` as a dict, its ``derived`` entry checked (:func:`check_derived`)."""
     path = Path(run_dir) / CONFIG
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
@@ -77,7 +82,56 @@ def read_config(run_dir: str | os.PathLike) -> dict:
         raise CheckpointError(f"{path}: unreadable ({summarize(error, 200)})") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: not a JSON object")
+    check_derived(config, path)
     return config
+
+
+def check_derived(config: dict, path: str | os.PathLike) -> None:
+    """Refuses a ``config.json`` whose ``derived`` entry (class counts, groups, splits, ...) is
+    not what its settings give: the report shows the stored groups while every number is
+    computed with the real ones, so an edit there would give a wrong answer.
+
+    Settings that do not make a valid :class:`Config` are left to the caller's
+    ``Config.from_json``, which says what is wrong with them. For an image folder the entries
+    that come from its files (counts, classes, statistics) are the data loader's to check; the
+    groups must still follow from the stored counts.
+
+    Raises:
+        CheckpointError: one line naming ``path`` and the entries that differ.
+    """
+    try:
+        settings = Config.from_json(config)
+    except (ConfigError, DataError):
+        return
+    stored = config.get("derived")
+    if not isinstance(stored, dict):
+        raise CheckpointError(f"{path}: \"derived\" is {summarize(json.dumps(stored), 40)}, not "
+                              "the object of what its settings give (edited?)")
+    wrong = _differences(settings, stored)
+    if wrong:
+        raise CheckpointError(f"{path}: derived {summarize(', '.join(wrong), 120)} differ from "
+                              "what its settings "
+                              "give (edited by hand?); restore them or the run's original file")
+
+
+def _differences(settings: Config, stored: dict) -> list[str]:
+    """The ``derived`` entries that differ from what the settings alone give (no image read)."""
+    if settings.dataset != "folder":
+        expected = settings.to_json()["derived"]
+        return sorted(k for k in set(expected) | set(stored)
+                      if _canonical_json(stored.get(k)) != _canonical_json(expected.get(k)))
+    p = settings.preset()
+    expected = {"optimizer_groups": list(p.groups), "switch_epoch": p.switch}
+    counts = stored.get("class_counts")
+    if not (isinstance(counts, list) and all(type(n) is int and n >= 0 for n in counts)):
+        return ["class_counts"]
+    expected["groups"] = split_groups(counts, settings.eta)
+    return sorted(k for k in expected
+                  if _canonical_json(stored.get(k)) != _canonical_json(expected[k]))
+
+
+def _canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)
 
 
 def checkpoint_path(run_dir: str | os.PathLike, epoch: int) -> Path:
@@ -153,8 +207,22 @@ def save_checkpoint(run_dir: str | os.PathLike, epoch: int, state: dict) -> Path
     ``weights_only=True`` before anything is written, so that a checkpoint this toolkit writes
     is always one it can read.
     """
-    run_dir = Path(run_dir)
-    path = checkpoint_path(run_dir, epoch)
+    return _save(Path(run_dir), checkpoint_path(run_dir, epoch), epoch, state)
+
+
+def save_best(run_dir: str | os.PathLike, epoch: int, state: dict) -> Path:
+    """Writes ``best.pt`` (the best-on-test checkpoint of ``protocol="seed"``) like a
+    checkpoint: digest recorded first, then the file; :func:`load_checkpoint` reads it."""
+    return _save(Path(run_dir), Path(run_dir) / BEST, epoch, state)
+
+
+def load_best(run_dir: str | os.PathLike) -> Optional[dict]:
+    """The verified state in ``best.pt``, or ``None`` when the run has none."""
+    path = Path(run_dir) / BEST
+    return load_checkpoint(path) if path.exists() else None
+
+
+def _save(run_dir: Path, path: Path, epoch: int, state: dict) -> Path:
     buffer = io.BytesIO()
     torch.save(_canonical({"format": FORMAT, "epoch": int(epoch), **state}), buffer)
     data = buffer.getvalue()
@@ -180,6 +248,14 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def recorded_epochs(run_dir: str | os.PathLike) -> list[int]:
+    """The epochs of the ``epoch_NNNN.pt`` the manifest records, sorted, whether or not the
+    files are still there."""
+    entries = _read_manifest(Path(run_dir)).items()
+    return sorted(entry["epoch"] for name, entry in entries if CHECKPOINT_RE.match(name)
+                  and isinstance(entry, dict) and type(entry.get("epoch")) is int)
+
+
 def clean_stale_temps(run_dir: str | os.PathLike) -> list[Path]:
     """Removes the temporary files a killed trainer left in ``run_dir``; returns them.
 
@@ -202,8 +278,9 @@ def load_checkpoint(path: str | os.PathLike, verify: bool = True) -> dict:
 
     Raises:
         CheckpointError: the file is missing, truncated, altered, not recorded, not a
-            checkpoint of this project, stored under another epoch's name, or would need more
-            than tensors and plain data. The message is one line and names the file.
+            checkpoint of this project, stored under another epoch's name, of an epoch past its
+            run's last, or would need more than tensors and plain data. The message is one
+            line and names the file.
     """
     path = Path(path)
     try:
@@ -240,4 +317,17 @@ def load_checkpoint(path: str | os.PathLike, verify: bool = True) -> dict:
     for key, kind in (("model", dict), ("config", dict)):
         if not isinstance(state.get(key), kind):
             raise CheckpointError(f"{path}: no {key} state inside")
+    _check_epoch(path, epoch, state["config"].get("epochs"), entry if verify else None)
     return state
+
+
+def _check_epoch(path: Path, epoch: int, epochs: Any, entry: dict | None) -> None:
+    """A checkpoint's epoch must be one its run can have (``0..epochs``) and the one its
+    manifest entry records."""
+    if type(epochs) is int and epoch > epochs:
+        raise CheckpointError(f"{path}: holds epoch {epoch}, but its run has {epochs} epochs "
+                              "(not a checkpoint this run can have)")
+    recorded = entry.get("epoch", epoch) if entry is not None else epoch
+    if recorded != epoch:
+        raise CheckpointError(f"{path}: holds epoch {epoch}, {summarize(recorded, 40)} "
+                              f"recorded in {MANIFEST} (renamed or copied over?)")

@@ -75,19 +75,31 @@ def build_parser() -> argparse.ArgumentParser:
     flag = {"type": _bool, "nargs": "?", "const": True}
     data = p.add_argument_group("data")
     option(data, "dataset")
-    option(data, "data_dir", "folder holding the CIFAR python batches")
+    option(data, "data_dir", "folder holding the CIFAR python batches, or (dataset folder) "
+           "train/<class>/* and test/<class>/* images, or the images the lists name")
+    option(data, "train_list", "dataset folder: a list file, one 'relative/path label' a line; "
+           "kept as it is (no imb_factor cut)", default="none: the folders")
+    option(data, "test_list", "dataset folder: the test list, as --train_list",
+           default="none: the folders")
+    option(data, "image_size", "dataset folder: resize the shorter side, then centre-crop to N x N",
+           type=int, default="none: images keep their size")
     option(data, "imb_factor", "largest / smallest class", type=float)
     option(data, "selection", "which images of a class are kept")
     option(data, "eta", "tail = classes with fewer than eta training images", type=float,
-           default=_per(SPECS, lambda spec: spec.default_eta))
+           default=_per(SPECS, lambda spec: spec.default_eta)
+           + "; n_max / 5 for folder")
     model = p.add_argument_group("model and loss")
-    option(model, "model", default=_per(SPECS, lambda spec: spec.default_model))
+    option(model, "model", default=_per(SPECS, lambda spec: spec.default_model)
+           + "; resnet32 for folder; resnet34 under --protocol seed")
     option(model, "width", "MLP units / channels of the first stage", type=int,
            default=_per(DEFAULT_WIDTH, str))
     option(model, "loss")
     option(model, "gamma_vs", "VS loss exponent", type=float)
     option(model, "tau", "VS / LA prior temperature", type=float)
     opt = p.add_argument_group("optimizer")
+    option(opt, "protocol", "ours (the paper as written) or seed (the SSE-SAM authors' code: "
+           "init, schedule, BatchNorm passes, ImbSAM group means, every-10th-epoch "
+           "evaluation with a test-selected best.pt)")
     option(opt, "opt")
     option(opt, "rho", "SAM / ImbSAM radius", type=float)
     option(opt, "head_rho", "SSE-SAM head radius in stage I", type=float)
@@ -95,11 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     option(opt, "gamma", "SSE-SAM: head_rho applies to epochs < ceil(gamma * epochs)",
            type=float)
     option(opt, "group_reduction", "group losses divided by the batch size or by the group's "
-           "size")
-    option(opt, "tail_scale", "factor on the tail loss (2 = the ImbSAM authors' code)",
-           type=float)
-    option(opt, "bn_update", "BatchNorm running stats from the forward at w only, or at every "
-           "perturbed weight too (seed code)")
+           "size", default="batch; group for imbsam under --protocol seed")
+    option(opt, "tail_scale", "factor on the tail loss", type=float,
+           default="2 for imbsam (the ImbSAM authors' code), else 1; 1 under --protocol seed")
+    option(opt, "bn_update", "BatchNorm running stats from the forward at w only, or from every "
+           "forward the seed code runs", default="w; all under --protocol seed")
     option(opt, "epochs", type=int)
     option(opt, "batch_size", type=int)
     option(opt, "lr", type=float)

@@ -1,9 +1,31 @@
 """The configuration of a training run: defaults, validation, and what ``config.json`` holds.
 
-Defaults are the SSE-SAM seed code's where it has them (SGD lr 0.01, momentum 0.9, weight
-decay 1e-3, batch 64, 200 epochs, cosine schedule, seed 9826, rho 0.05, head_rho 0.05,
-tail_rho 0.1, gamma 0.7, imbalance factor 100). The dataset defaults to the embedded digits-LT,
-whose model defaults to the MLP; CIFAR runs default to the classic ResNet-32.
+The defaults are the values of the SSE-SAM README command (CIFAR-100-LT, IF=100, CE): SGD with
+lr 0.01, momentum 0.9, weight decay 1e-3, batch 64, 200 epochs of cosine annealing, seed 9826,
+rho 0.05 (SAM, ImbSAM), head_rho 0.05, tail_rho 0.1, gamma 0.7, imbalance factor 100 and, for
+CIFAR, eta 100. (The seed code's argparse defaults differ and are not used.) The dataset
+defaults to the embedded digits-LT (model ``mlp``, eta 40); CIFAR and image folders default to
+the classic ResNet-32, and ``protocol="seed"`` to the seed's ResNet-34.
+
+Three fields default by protocol and optimizer (``None`` until resolved):
+
+==================  ===========================  ===========================
+field               ``protocol="ours"``          ``protocol="seed"``
+==================  ===========================  ===========================
+``bn_update``       ``w``                        ``all``
+``group_reduction`` ``batch``                    ``group`` for imbsam, else ``batch``
+``tail_scale``      2 for imbsam, else 1         1
+==================  ===========================  ===========================
+
+So ``--opt imbsam`` is a published ImbSAM either way: under ``ours`` the ImbSAM authors' code
+(batch-mean losses, the tail loss doubled), under ``seed`` the SSE-SAM authors' baseline
+(group means).
+
+Example:
+    >>> Config(opt="imbsam").tail_scale, Config(opt="imbsam", protocol="seed").group_reduction
+    (2.0, 'group')
+    >>> Config(dataset="cifar100", protocol="seed").model, Config(dataset="cifar100").eta
+    ('resnet34', 100.0)
 """
 
 from __future__ import annotations
@@ -14,15 +36,17 @@ import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from train.data import SPECS, accuracy_splits, class_counts, split_groups
+from train.data import SPECS, LongTailData, accuracy_splits, class_counts, load_dataset, \
+    split_groups
 from train.models import DEFAULT_WIDTH
 from train.optim import preset
 from train.options import (BN_UPDATES, CHOICES, DATASETS, GROUP_REDUCTIONS, LOSSES,  # noqa: F401
-                           MODELS, OPTIMIZER_LABELS, OPTIMIZERS, SELECTIONS, check_choice)
+                           MODELS, OPTIMIZER_LABELS, OPTIMIZERS, PROTOCOLS, SELECTIONS,
+                           check_choice)
 
 __all__ = ["Config", "ConfigError", "IDENTITY_EXCLUDED", "identity_changes", "CHOICES",
            "DATASETS", "SELECTIONS", "MODELS", "LOSSES", "OPTIMIZERS", "OPTIMIZER_LABELS",
-           "GROUP_REDUCTIONS", "BN_UPDATES"]
+           "GROUP_REDUCTIONS", "BN_UPDATES", "PROTOCOLS"]
 
 # Fields that may differ between an interrupted run and its resumption.
 IDENTITY_EXCLUDED = ("device", "data_dir", "progress", "compile", "channels_last", "bf16")
@@ -47,6 +71,9 @@ class Config:
 
     dataset: str = "digits"
     data_dir: str = "data"
+    train_list: Optional[str] = None
+    test_list: Optional[str] = None
+    image_size: Optional[int] = None
     imb_factor: float = 100.0
     selection: str = "first"
     eta: Optional[float] = None
@@ -55,14 +82,15 @@ class Config:
     loss: str = "CE"
     gamma_vs: float = 0.05
     tau: float = 0.75
+    protocol: str = "ours"
     opt: str = "sgd"
     rho: float = 0.05
     head_rho: float = 0.05
     tail_rho: float = 0.1
     gamma: float = 0.7
-    group_reduction: str = "batch"
-    tail_scale: float = 1.0
-    bn_update: str = "w"
+    group_reduction: Optional[str] = None
+    tail_scale: Optional[float] = None
+    bn_update: Optional[str] = None
     epochs: int = 200
     batch_size: int = 64
     lr: float = 0.01
@@ -79,14 +107,32 @@ class Config:
     def __post_init__(self) -> None:
         self._check_types()
         check_choice("dataset", self.dataset, ConfigError)
-        spec = SPECS[self.dataset]
-        if self.model is None:
-            object.__setattr__(self, "model", spec.default_model)
-        if self.eta is None:
-            object.__setattr__(self, "eta", float(spec.default_eta))
-        if self.width is None:
-            object.__setattr__(self, "width", DEFAULT_WIDTH.get(self.model, 1))
+        check_choice("protocol", self.protocol, ConfigError)
+        if self.dataset != "folder" and (self.train_list or self.test_list or self.image_size):
+            raise ConfigError("--train_list, --test_list and --image_size need --dataset folder")
+        seed, imbsam = self.protocol == "seed", self.opt == "imbsam"
+        self._default("model", "resnet34" if seed else self._defaults().default_model)
+        self._default("eta", float(self._defaults().default_eta))
+        self._default("width", DEFAULT_WIDTH.get(self.model, 1))
+        self._default("bn_update", "all" if seed else "w")
+        self._default("group_reduction", "group" if seed and imbsam else "batch")
+        self._default("tail_scale", 2.0 if imbsam and not seed else 1.0)
         self._validate()
+
+    def _default(self, name: str, value: Any) -> None:
+        if getattr(self, name) is None:
+            object.__setattr__(self, name, value)
+
+    def _defaults(self):
+        """What the per-dataset defaults are read from: the dataset's spec, or for an image
+        folder the counts of its files (no image is decoded for a default)."""
+        if self.dataset != "folder":
+            return SPECS[self.dataset]
+        from train.folder import folder_counts, folder_spec
+
+        n_max = max(folder_counts(self.data_dir, self.imb_factor, self.selection,
+                                  self.train_list, self.test_list))
+        return folder_spec("folder", 0, n_max, (3, 1, 1), (), ())
 
     def _check_types(self) -> None:
         """Each field's JSON type (a config file may hold anything): one clear line if wrong."""
@@ -142,6 +188,8 @@ class Config:
         integer("save_every", 1, 10**6)
         integer("width", 1, 2**16)
         integer("seed", 0, 2**63 - 1)
+        if self.image_size is not None:
+            integer("image_size", 1, 2**15)
         if not re.fullmatch(r"auto|cpu|cuda(:\d{1,4})?", self.device):
             raise ConfigError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
 
@@ -149,11 +197,32 @@ class Config:
 
     @property
     def spec(self):
-        return SPECS[self.dataset]
+        """The dataset's :class:`train.data.DatasetSpec` (an image folder's is built from its
+        training images: shape, classes and normalisation statistics)."""
+        return self.load_data().spec if self.dataset == "folder" else SPECS[self.dataset]
 
     @property
     def counts(self) -> list[int]:
+        if self.dataset == "folder":
+            from train.folder import folder_counts
+
+            return folder_counts(self.data_dir, self.imb_factor, self.selection,
+                                 self.train_list, self.test_list)
         return class_counts(self.spec.n_max, self.spec.num_classes, self.imb_factor)
+
+    def load_data(self, download: bool = True) -> LongTailData:
+        """The run's long-tailed training set and balanced test set (uint8, on the CPU).
+
+        CIFAR is read from ``data_dir`` (downloaded there when ``download`` and the network
+        allow); an image folder is decoded once and cached (:mod:`train.folder`).
+        """
+        if self.dataset == "folder":
+            from train.folder import load_folder_cached
+
+            return load_folder_cached(self.data_dir, self.imb_factor, self.selection,
+                                      self.image_size, self.train_list, self.test_list)
+        return load_dataset(self.dataset, self.imb_factor, self.selection, self.data_dir,
+                            download=download)
 
     @property
     def groups(self) -> dict[str, list[int]]:
@@ -167,18 +236,20 @@ class Config:
         """``config.json``: the fields plus the derived class counts, groups and splits."""
         spec = self.spec
         p = self.preset()
-        return {
-            **dataclasses.asdict(self),
-            "derived": {
-                "num_classes": spec.num_classes,
-                "image_shape": list(spec.image_shape),
-                "class_counts": self.counts,
-                "groups": self.groups,
-                "splits": accuracy_splits(self.counts, spec),
-                "optimizer_groups": list(p.groups),
-                "switch_epoch": p.switch,
-            },
+        derived = {
+            "num_classes": spec.num_classes,
+            "image_shape": list(spec.image_shape),
+            "class_counts": self.counts,
+            "groups": self.groups,
+            "splits": accuracy_splits(self.counts, spec),
+            "optimizer_groups": list(p.groups),
+            "switch_epoch": p.switch,
         }
+        if self.dataset == "folder":  # what rebuilding the data must give again
+            data = self.load_data()
+            derived.update(classes=list(data.classes), mean=list(spec.mean), std=list(spec.std),
+                           files=data.fingerprint)
+        return {**dataclasses.asdict(self), "derived": derived}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Config":

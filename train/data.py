@@ -21,6 +21,7 @@ resuming exact without saving generator states.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import pickle
@@ -136,7 +137,9 @@ class LongTailData:
     """A long-tailed training set and a balanced test set, as ``uint8`` tensors.
 
     ``train_x`` is ``(N, C, H, W)`` ``uint8``; ``train_y`` is ``(N,)`` ``int64``. Move both sets
-    to a device with :meth:`to`; :func:`normalize` turns a batch into model inputs.
+    to a device with :meth:`to`; :func:`normalize` turns a batch into model inputs. An image
+    folder's data (:mod:`train.folder`) also names its ``classes`` and carries the
+    ``fingerprint`` of its files.
     """
 
     spec: DatasetSpec
@@ -145,10 +148,14 @@ class LongTailData:
     test_x: torch.Tensor
     test_y: torch.Tensor
     counts: list[int]
+    classes: Optional[list[str]] = None
+    fingerprint: Optional[str] = None
 
     def to(self, device: torch.device | str) -> "LongTailData":
-        return LongTailData(self.spec, self.train_x.to(device), self.train_y.to(device),
-                            self.test_x.to(device), self.test_y.to(device), list(self.counts))
+        return dataclasses.replace(self, train_x=self.train_x.to(device),
+                                   train_y=self.train_y.to(device),
+                                   test_x=self.test_x.to(device), test_y=self.test_y.to(device),
+                                   counts=list(self.counts))
 
 
 @functools.lru_cache(maxsize=None)
@@ -318,8 +325,8 @@ def _read_cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarra
             batch = _ArrayUnpickler(f, encoding="latin1").load()
         images = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
         labels = np.asarray(batch[label_key], dtype=np.int64)
-    except DataError:
-        raise
+    except DataError as error:  # a refused class: say in which file
+        raise DataError(f"{path}: {error}") from None
     except Exception as error:  # a truncated or foreign file: say which one
         raise DataError(f"{path}: not a readable CIFAR batch ({type(error).__name__}: {error})")
     if len(images) != len(labels):

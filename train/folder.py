@@ -39,6 +39,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -51,8 +52,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-__all__ = ["FolderIndex", "scan", "kept_training", "load_folder", "folder_spec",
-           "default_cache_dir", "CACHE_FORMAT"]
+__all__ = ["FolderIndex", "scan", "kept_training", "load_folder", "load_folder_cached",
+           "folder_counts", "folder_spec", "default_cache_dir", "CACHE_FORMAT"]
 
 CACHE_FORMAT = "sse-image-cache/1"
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
@@ -290,8 +291,48 @@ def load_folder(data_dir, imb_factor: float = 1.0, selection: str = "first",
     mean = pixels.mean(dim=(0, 2, 3)).tolist()
     std = pixels.std(dim=(0, 2, 3), unbiased=False).clamp_min(1e-6).tolist()
     spec = folder_spec("folder", len(train.classes), max(counts), train_images.shape[1:], mean, std)
-    data = LongTailData(spec, train_x, torch.from_numpy(labels[kept]),
+    return LongTailData(spec, train_x, torch.from_numpy(labels[kept]),
                         torch.from_numpy(test_images),
-                        torch.as_tensor(test.labels, dtype=torch.int64), counts)
-    data.classes = list(train.classes)
-    return data
+                        torch.as_tensor(test.labels, dtype=torch.int64), counts,
+                        classes=list(train.classes), fingerprint=_content_key(train, kept, test))
+
+
+def _content_key(train: FolderIndex, kept: np.ndarray, test: FolderIndex) -> str:
+    """SHA-256 of the kept training files and the test files (paths, labels, byte sizes): what
+    a rebuilt dataset must match. Unlike the cache key it leaves out mtimes, so a copied
+    folder still matches."""
+    digest = hashlib.sha256()
+    for index, positions in ((train, kept), (test, range(len(test.paths)))):
+        for i in positions:
+            path = index.root / index.paths[i]
+            digest.update(json.dumps([index.paths[i], index.labels[i],
+                                      path.stat().st_size]).encode())
+    return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=2)
+def _loaded(root: str, imb_factor: float, selection: str, image_size: Optional[int],
+            train_list: Optional[str], test_list: Optional[str]):
+    return load_folder(root, imb_factor, selection, image_size, train_list, test_list)
+
+
+def load_folder_cached(data_dir, imb_factor: float, selection: str, image_size=None,
+                       train_list=None, test_list=None):
+    """:func:`load_folder`, remembered for this process (a config's spec, its trainer and its
+    analysis all ask for the same data)."""
+    absolute = [None if p is None else str(Path(p).resolve()) for p in (train_list, test_list)]
+    return _loaded(str(Path(data_dir).resolve()), float(imb_factor), selection, image_size,
+                   *absolute)
+
+
+@functools.lru_cache(maxsize=8)
+def _counts(root: str, imb_factor: float, selection: str, train_list, test_list):
+    train, test = scan(root, train_list, test_list)
+    return kept_training(train, test, imb_factor, selection, train_list is not None)[1]
+
+
+def folder_counts(data_dir, imb_factor: float, selection: str, train_list=None,
+                  test_list=None) -> list[int]:
+    """The kept training images per class, from the file names alone (nothing decoded)."""
+    absolute = [None if p is None else str(Path(p).resolve()) for p in (train_list, test_list)]
+    return list(_counts(str(Path(data_dir).resolve()), float(imb_factor), selection, *absolute))

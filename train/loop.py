@@ -1,7 +1,13 @@
 """The training loop: epochs, cosine schedule, evaluation, metrics, checkpoints and resume.
 
 Learning rate of 0-based epoch ``e`` of ``E``: ``lr * (1 + cos(pi * e / E)) / 2`` (cosine
-annealing to 0, no warm-up, set once per epoch as ``CosineAnnealingLR`` does).
+annealing to 0, no warm-up); ``protocol="seed"`` uses ``e + 1``, as the seed code's scheduler
+stepped before each epoch does (:func:`train.protocol.learning_rate`).
+
+Evaluation: every epoch (``ours``), or as the seed code does every 10th epoch and the last
+(``seed``), where the best mean per-class test accuracy so far is kept as ``best.pt`` and, at
+the end, re-evaluated with flip test-time augmentation into ``results.json`` beside the final
+checkpoint's accuracy, labelled test-selected (:func:`write_results`).
 
 Checkpoint ``epoch_NNNN.pt`` is the state after ``NNNN`` finished epochs (``epoch_0000.pt``: the
 initial weights); it holds the model, the base optimizer's state (momentum) and the config, and
@@ -12,7 +18,7 @@ what the uninterrupted run would have done.
 
 from __future__ import annotations
 
-import math
+import copy
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,13 +31,13 @@ from train import checkpoint as ckpt
 from train import distributed
 from train import run_folder as files
 from train.config import Config, ConfigError, identity_changes
-from train.data import LongTailData, accuracy_splits, epoch_generator, load_dataset, normalize, \
-    train_batches
+from train.data import LongTailData, accuracy_splits, epoch_generator, normalize, train_batches
 from train.device import resolve_device
 from train.io import append_line, atomic_write_bytes, atomic_write_json, summarize, write_lines
 from train.losses import build_loss
 from train.models import build_model
 from train.optim import GroupSAM, group_sample_weights
+from train.protocol import learning_rate, selects_best
 
 __all__ = ["train", "evaluate", "TrainingDiverged", "RunExists", "Trainer"]
 
@@ -42,10 +48,6 @@ class TrainingDiverged(RuntimeError):
 
 class RunExists(ConfigError):
     """The output folder already holds a run and neither resume nor overwrite was asked."""
-
-
-def cosine_lr(base_lr: float, epoch: int, epochs: int) -> float:
-    return base_lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
 
 
 @torch.no_grad()
@@ -98,11 +100,11 @@ class Trainer:
               reduce_gradients=None) -> "Trainer":
         device = resolve_device(config.device)
         if data is None:
-            data = load_dataset(config.dataset, config.imb_factor, config.selection,
-                                config.data_dir)
+            data = config.load_data()
         data = data.to(device)
         model = build_model(config.model, data.spec.image_shape, data.spec.num_classes,
-                            config.width, seed=config.seed).to(device)
+                            config.width, seed=config.seed,
+                            init="seed" if config.protocol == "seed" else "ours").to(device)
         if config.channels_last:
             model = model.to(memory_format=torch.channels_last)
         loss_fn = build_loss(config.loss, data.counts, config.gamma_vs, config.tau).to(device)
@@ -115,6 +117,7 @@ class Trainer:
         # The step runs the compiled module; ``model`` (same parameters) is kept for state_dict.
         forward = torch.compile(model) if config.compile else model
         step = GroupSAM(forward, base, bn_update=config.bn_update,
+                        forward_per_group=config.opt == "ssesam",
                         reduce_gradients=reduce_gradients)
         p = config.preset()
         group_of_class = torch.zeros(data.spec.num_classes, dtype=torch.long)
@@ -129,7 +132,7 @@ class Trainer:
         """Runs 0-based ``epoch``; returns the mean training loss (raises on a non-finite one)."""
         config, p = self.config, self.config.preset()
         for group in self.base_optimizer.param_groups:
-            group["lr"] = cosine_lr(config.lr, epoch, config.epochs)
+            group["lr"] = learning_rate(config.protocol, config.lr, epoch, config.epochs)
         rhos = p.rhos(epoch)
         self.model.train()
         losses, sizes = [], []
@@ -300,20 +303,60 @@ def _run_epochs(trainer: Trainer, out: Path, start: int, progress: bool, log, is
     from tqdm.auto import tqdm
 
     config, p = trainer.config, trainer.config.preset()
+    best = _best_so_far(out, start) if config.protocol == "seed" else None
     bar = tqdm(range(start, config.epochs), initial=start, total=config.epochs, unit="epoch",
                disable=not progress, desc=f"{config.opt}/{config.loss}", leave=False)
     for epoch in bar:
         began = time.perf_counter()
         train_loss = trainer.train_epoch(epoch)
-        accuracy = evaluate(trainer.model, trainer.data, config.groups, config.tta)
         row = {"epoch": epoch + 1, "lr": trainer.base_optimizer.param_groups[0]["lr"],
-               "train_loss": train_loss, **accuracy, "stage": p.stage(epoch),
-               "rho": dict(zip(p.groups, p.rhos(epoch))), "tta": config.tta,
-               "seconds": time.perf_counter() - began}
-        bar.set_postfix(loss=f"{train_loss:.3f}", acc=f"{accuracy['acc']:.1f}")
+               "train_loss": train_loss, "stage": p.stage(epoch),
+               "rho": dict(zip(p.groups, p.rhos(epoch)))}
+        if _evaluates(config, epoch):
+            accuracy = evaluate(trainer.model, trainer.data, config.groups, config.tta)
+            row.update(accuracy, tta=config.tta)
+            bar.set_postfix(loss=f"{train_loss:.3f}", acc=f"{accuracy['acc']:.1f}")
+        row["seconds"] = time.perf_counter() - began
         if not is_writer:
             continue
         append_line(out / files.METRICS, row)
+        if selects_best(config.protocol, epoch) and (best is None or row["acc"] > best):
+            best = row["acc"]  # strictly better: the earliest of equal epochs is kept, as theirs
+            ckpt.save_best(out, epoch + 1, trainer.state())
         if (epoch + 1) % config.save_every == 0 or epoch + 1 == config.epochs:
             ckpt.save_checkpoint(out, epoch + 1, trainer.state())
     bar.close()
+    if is_writer and config.protocol == "seed":
+        write_results(trainer, out)
+
+
+def _evaluates(config: Config, epoch: int) -> bool:
+    """Every epoch under ``ours``; the seed's every 10th and the last under ``seed``."""
+    return (config.protocol != "seed" or selects_best(config.protocol, epoch)
+            or epoch + 1 == config.epochs)
+
+
+def _best_so_far(out: Path, start: int) -> Optional[float]:
+    """The best test accuracy of the selecting epochs up to ``start`` (from metrics.jsonl)."""
+    rows = [r for r in ckpt.read_metrics(out) if isinstance(r.get("epoch"), int)
+            and r["epoch"] <= start and selects_best("seed", r["epoch"] - 1) and "acc" in r]
+    return max((float(r["acc"]) for r in rows), default=None)
+
+
+def write_results(trainer: Trainer, out: Path) -> dict:
+    """``results.json``: the final checkpoint's accuracy (as trained, no selection) beside the
+    best-on-test checkpoint's with flip TTA, labelled ``test_selected`` (it was chosen on the
+    test set, so it overstates what the method generalises to)."""
+    config = trainer.config
+    final = next(r for r in reversed(ckpt.read_metrics(out)) if r.get("epoch") == config.epochs)
+    results = {"final": {k: v for k, v in final.items() if k == "epoch" or k.startswith("acc")
+                         or k == "tta"}}
+    saved = ckpt.load_best(out)
+    if saved is not None:
+        model = copy.deepcopy(trainer.model)
+        model.load_state_dict(saved["model"])
+        accuracy = evaluate(model, trainer.data, config.groups, tta=True)
+        results["test_selected"] = {"epoch": saved["epoch"], "tta": True, **accuracy,
+                                    "selected_on": "test set, every 10th epoch, no TTA"}
+    atomic_write_json(out / files.RESULTS, results)
+    return results

@@ -29,8 +29,13 @@ gradient, hence a zero perturbation: no special case, no NaN, and no host synchr
 
 BatchNorm: the forward at :math:`w` runs in train mode and updates the running statistics;
 the forwards at perturbed weights use the batch statistics too but leave the running ones as
-they were (the usual SAM practice). ``bn_update="all"`` keeps the seed code's behaviour, which
-also updates them at every perturbed weight.
+they were (the usual SAM practice). ``bn_update="all"`` keeps the seed code's running
+statistics exactly: they also move at every perturbed weight and, with ``forward_per_group``
+(the seed's SSE-SAM, which runs a forward at :math:`w` for each group and one at
+:math:`w + e_G` even when :math:`e_G = 0`: 4 forwards a step in both stages), at the repeated
+forwards at :math:`w`, which are replayed from the first one's batch statistics
+(:class:`train.protocol.BatchStatistics`) instead of being run: 1 replay a step in stage I, 2
+in stage II, and no extra pass.
 
 The seed code's optimizer API, for code written against it, is :class:`train.seed_api.SSESAM`
 (also importable from here).
@@ -47,6 +52,7 @@ import torch
 import torch.nn as nn
 
 from train.options import OPTIMIZERS, check_choice
+from train.protocol import BatchStatistics
 
 __all__ = ["Preset", "preset", "switch_epoch", "GroupSAM", "group_sample_weights", "OptimError",
            "OPTIMIZERS"]
@@ -130,6 +136,8 @@ class GroupSAM:
         model: the network; its parameters are updated in place.
         base_optimizer: e.g. ``torch.optim.SGD(model.parameters(), lr, momentum=0.9)``.
         bn_update: ``"w"`` (running statistics only from the forward at ``w``) or ``"all"``.
+        forward_per_group: with ``bn_update="all"``, also the running-statistics updates of the
+            seed SSE-SAM's repeated forwards at ``w`` (see the module docstring).
         reduce_gradients: called on each list of group gradients before they are used; under
             data parallelism it all-reduces them in place, so that every perturbation uses the
             global group gradient and its global norm (the trainer weighs each rank's samples
@@ -151,13 +159,14 @@ class GroupSAM:
     """
 
     def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer,
-                 bn_update: str = "w",
+                 bn_update: str = "w", forward_per_group: bool = False,
                  reduce_gradients: Optional[Callable[[list[torch.Tensor]], None]] = None,
                  eps: float = 1e-12):
         check_choice("bn_update", bn_update, OptimError)
         self.model = model
         self.base_optimizer = base_optimizer
         self.bn_update = bn_update
+        self.replays = bn_update == "all" and forward_per_group
         self.reduce_gradients = reduce_gradients
         self.eps = eps
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -192,17 +201,23 @@ class GroupSAM:
             sample_weights: ``(num_groups, B)``; row ``G`` weighs sample ``i`` in
                 :math:`L_G` (``1/B`` for members, 0 otherwise: :func:`group_sample_weights`).
         """
-        losses = self._forward_losses(inputs, targets, loss_fn)  # l_i(w); BN statistics move
+        stats = BatchStatistics(self.model) if self.replays else contextlib.nullcontext()
+        with stats:
+            losses = self._forward_losses(inputs, targets, loss_fn)  # l_i(w); BN stats move
         group_losses = [(row * losses).sum() for row in sample_weights]  # L_G(w)
         if all(rho == 0 for rho in rhos):  # SGD: g = grad sum_G L_G(w), one backward
             g = self._grad(sum(group_losses), retain_graph=False)
+            if self.replays:  # the seed's forwards at w: 2 per group, less the one run
+                stats.replay(2 * len(rhos) - 1)
         else:
             # Every grad L_G(w) before w moves: the graph at w is unusable once w changed.
             last = len(group_losses) - 1
             grads_at_w = [self._grad(loss, retain_graph=G < last)
                           for G, loss in enumerate(group_losses)]
             g = [torch.zeros_like(p) for p in self.params]
-            for grad, rho, weights in zip(grads_at_w, rhos, sample_weights):
+            for G, (grad, rho, weights) in enumerate(zip(grads_at_w, rhos, sample_weights)):
+                if self.replays:  # the seed's forward at w for group G > 0, and at w + 0
+                    stats.replay(int(G > 0) + int(rho == 0))
                 if rho != 0:  # grad L_G(w + e_G)
                     grad = self._grad_at(self._perturbation(grad, rho), inputs, targets,
                                          loss_fn, weights)

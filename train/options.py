@@ -23,9 +23,9 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = ["DATASETS", "SELECTIONS", "MODELS", "LOSSES", "OPTIMIZERS", "OPTIMIZER_LABELS",
-           "GROUP_REDUCTIONS", "BN_UPDATES", "CHOICES", "check_choice"]
+           "GROUP_REDUCTIONS", "BN_UPDATES", "PROTOCOLS", "CHOICES", "check_choice"]
 
-DATASETS = ("digits", "cifar10", "cifar100")
+DATASETS = ("digits", "cifar10", "cifar100", "folder")
 SELECTIONS = ("first", "shuffled")  # which images of a class are kept (train/data.py)
 MODELS = ("resnet8", "resnet20", "resnet32", "resnet34", "resnet50", "mlp", "cnn")
 LOSSES = ("CE", "LDAM", "VS", "LA")
@@ -34,10 +34,12 @@ OPTIMIZERS = ("sgd", "sam", "imbsam", "ssesam")
 OPTIMIZER_LABELS = {"sgd": "SGD", "sam": "SAM", "imbsam": "ImbSAM", "ssesam": "SSE-SAM"}
 GROUP_REDUCTIONS = ("batch", "group")  # a group's loss divided by the batch or the group size
 BN_UPDATES = ("w", "all")  # BatchNorm running statistics from the forward at w, or every one
+PROTOCOLS = ("ours", "seed")  # the paper as written, or the SSE-SAM authors' code (protocol.py)
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "dataset": DATASETS, "selection": SELECTIONS, "model": MODELS, "loss": LOSSES,
     "opt": OPTIMIZERS, "group_reduction": GROUP_REDUCTIONS, "bn_update": BN_UPDATES,
+    "protocol": PROTOCOLS,
 }
 _NOUN = {"opt": "optimizer"}  # what the messages call a field, where it is not its name
 
