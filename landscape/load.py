@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from train import checkpoint as ckpt
 from train.config import Config, ConfigError, identity_changes
-from train.data import LongTailData, load_dataset, normalize
+from train.data import LongTailData, normalize
 from train.device import resolve_device
 from train.io import summarize
 from train.losses import build_loss
@@ -85,9 +85,7 @@ class Run:
     def data(self) -> LongTailData:
         """The run's long-tailed training set and balanced test set, on ``device``."""
         if self._data is None:
-            c = self.config
-            self._data = load_dataset(c.dataset, c.imb_factor, c.selection,
-                                      self.data_dir or c.data_dir).to(self.device)
+            self._data = self.config.load_data().to(self.device)
         return self._data
 
     def loss_fn(self, name: Optional[str] = None) -> nn.Module:
@@ -117,16 +115,27 @@ class Run:
             raise GroupError(f"group {group!r} has no classes (eta={self.config.eta:g})")
         return classes
 
-    def group_data(self, group: Group, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
-        """``(inputs, targets)`` of every ``split`` sample of the group: normalised, not augmented."""
+    def group_data(self, group: Group, split: str = "train", samples: Optional[int] = None,
+                   *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(inputs, targets)`` of the ``split`` samples of the group: normalised, not augmented.
+
+        With ``samples``, a fixed subsample of that many (all when the group has no more): the
+        first ``samples`` of a permutation drawn from ``seed``, kept in data order, so every
+        checkpoint of a run (and every optimizer on the same data) sees the same images.
+        """
         if split not in ("train", "test"):
             raise GroupError(f"split must be train or test, got {split!r}")
+        if samples is not None and (isinstance(samples, bool) or int(samples) < 1):
+            raise GroupError(f"samples must be an integer >= 1, got {samples!r}")
         classes = self.classes(group)
         data = self.data
         x, y = (data.train_x, data.train_y) if split == "train" else (data.test_x, data.test_y)
-        keep = torch.isin(y, torch.tensor(classes, device=y.device))
-        if not bool(keep.any()):
+        keep = torch.isin(y, torch.tensor(classes, device=y.device)).nonzero().flatten()
+        if len(keep) == 0:
             raise GroupError(f"group {group!r} has no samples in the {split} split")
+        if samples is not None and samples < len(keep):
+            order = torch.randperm(len(keep), generator=torch.Generator().manual_seed(seed))
+            keep = keep[order[:samples].sort().values.to(keep.device)]
         return normalize(x[keep], data.spec), y[keep]
 
 
@@ -137,7 +146,7 @@ def load(path: Union[str, Path], device: Union[str, torch.device, None] = None,
     Args:
         path: ``epoch_NNNN.pt`` or a run folder.
         device: where to put the model and data (default: CUDA if available, else CPU).
-        data_dir: where the CIFAR files are, if not where the run found them.
+        data_dir: where the CIFAR files or image folders are, if not where the run found them.
         data: the dataset of another checkpoint of the same run (its ``run.data``, on the same
             device), reused instead of being built again: the data do not depend on the epoch.
 
@@ -156,6 +165,8 @@ def load(path: Union[str, Path], device: Union[str, torch.device, None] = None,
     if diff:
         raise ckpt.CheckpointError(f"{path}: its config differs from {run_dir / 'config.json'} "
                                    f"in {', '.join(diff)} (checkpoint of another run?)")
+    if data_dir is not None:  # the data moved: the run is the same (data_dir is no identity)
+        config = config.replace(data_dir=str(data_dir))
     device = resolve_device(device)
     spec = config.spec
     model = build_model(config.model, spec.image_shape, spec.num_classes, config.width)
