@@ -15,7 +15,10 @@ Stages:
    --selection first`` keeps the first ``n_c`` images of every class, as the SSE-SAM code does.
    CIFAR-10-LT IF=100 then holds 5000, 2997, ..., 50 images (12,406); the test set all 10,000.
 2. ``train``: the runs of :data:`RUNS` (``--jobs`` at a time, one CPU thread each).
-3. ``report``: the saddle report across the runs (see :func:`report`).
+3. ``analysis``: the Hessian numbers, one JSON file per (run, checkpoint, group, kind) under
+   ``ROOT/analysis/`` (written atomically, skipped when present; :data:`ANALYSIS` says what is
+   computed, cheapest and most needed first), ``--jobs`` processes at a time, one thread each.
+4. ``figures``: the figures and ``ROOT/table.md`` from those files (no computation).
 
 The choices (measured first, see RESULTS.md): ResNet-8 (the CIFAR ResNet family at 1 block a
 stage, 75k parameters, BatchNorm), 30 epochs, batch 128, lr 0.1 cosine, weight decay 5e-4, CE.
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import pickle
 import subprocess
@@ -160,12 +164,244 @@ def train_all(root: Path, jobs: int, names) -> None:
                     sys.exit(f"saddle_cifar10: training {name} failed, see {root}/train-{name}.log")
 
 
+# --------------------------------------------------------------------------------------------
+# 3. Analysis
+#
+# Hessian-vector products in float32 with the Lanczos recurrence in float64 (landscape.eigen);
+# the model in eval mode (BatchNorm running statistics), the group's un-augmented training
+# images. One HVP of ResNet-8 over 512 images costs about 1.4 s on a loaded core here, so the
+# curves over epochs use a fixed subsample of each group (Run.group_data(samples=, seed=0):
+# the same images at every checkpoint and for every optimizer), and the final checkpoints a
+# larger one: the whole tail (1,536 images) and as many head images.
+
+ANALYSIS = dict(
+    dtype="float32", seed=0,
+    curve=dict(samples=512, tol=1e-3, max_steps=80, epochs=(0, 10, 20, 30, 5, 15, 25)),
+    final=dict(samples=1536, tol=1e-4, max_steps=160),
+    density=dict(samples=512, probes=4, steps=50),
+    surface=dict(samples=1536, points=21, span=1.0),
+    full=dict(samples=None, tol=1e-4, max_steps=160),  # every image of the group: slow
+)
+GROUPS = ("head", "tail")
+
+
+def _task_list(root: Path) -> list[tuple[str, ...]]:
+    """Every computation, most needed first: the final extremes of the first-seed runs, the
+    second seeds', the curves, the densities, the surfaces, then the full-group extremes."""
+    first = [n for n in RUNS if n.endswith("s9826")]
+    second = [n for n in RUNS if n not in first]
+    end = COMMON["epochs"]
+    tasks = [("final", n, end, g) for n in first + second for g in GROUPS]
+    tasks += [("curve", n, e, g) for e in ANALYSIS["curve"]["epochs"] for n in first
+              for g in GROUPS]
+    tasks += [("density", n, end, g) for n in first for g in GROUPS]
+    tasks += [("surface", n, end, "tail") for n in first]
+    tasks += [("full", n, end, g) for n in first + second for g in ("tail", "head")]
+    return tasks
+
+
+def _result_path(root: Path, kind: str, name: str, epoch: int, group: str) -> Path:
+    return root / "analysis" / name / f"{kind}_e{epoch:04d}_{group}.json"
+
+
+def _extremes(run, group: str, settings: dict) -> dict:
+    import torch
+
+    from landscape.eigen import extreme_eigenpairs, saddle_ratio
+    from landscape.hvp import GroupHessian
+
+    x, y = run.group_data(group, samples=settings["samples"], seed=ANALYSIS["seed"])
+    op = GroupHessian(run.model, run.loss_fn(), x, y, dtype=getattr(torch, ANALYSIS["dtype"]))
+    began = time.perf_counter()
+    r = extreme_eigenpairs(op, top=1, bottom=1, tol=settings["tol"],
+                           max_steps=settings["max_steps"], seed=ANALYSIS["seed"])
+    return {"lambda_max": float(r.top[0]), "lambda_min": float(r.bottom[0]),
+            "ratio": saddle_ratio(float(r.bottom[0]), float(r.top[0])),
+            "residuals": [float(r.top_residuals[0]), float(r.bottom_residuals[0])],
+            "tolerance": float(r.tolerance), "converged": bool(r.converged),
+            "steps": int(r.steps), "samples": int(len(y)), "seconds": time.perf_counter() - began,
+            "vectors": {"top": r.top_vectors[0].float().cpu(),
+                        "bottom": r.bottom_vectors[0].float().cpu()}}
+
+
+def _density(run, group: str, settings: dict) -> dict:
+    import torch
+
+    from landscape.hvp import GroupHessian
+    from landscape.slq import slq
+
+    x, y = run.group_data(group, samples=settings["samples"], seed=ANALYSIS["seed"])
+    op = GroupHessian(run.model, run.loss_fn(), x, y, dtype=getattr(torch, ANALYSIS["dtype"]))
+    d = slq(op, probes=settings["probes"], steps=settings["steps"], seed=ANALYSIS["seed"])
+    return {"grid": d.grid.tolist(), "density": d.density.tolist(),
+            "nodes": np.nan_to_num(d.nodes, nan=0.0).tolist(), "weights": d.weights.tolist(),
+            "variance": d.variance, "samples": int(len(y)), "hvps": d.hvps}
+
+
+def _surface(run, root: Path, name: str, settings: dict) -> dict:
+    """The tail loss on the plane of the tail Hessian's top and bottom eigenvectors (from the
+    ``final`` task's Lanczos run, saved beside its JSON)."""
+    import torch
+
+    from landscape.directions import Direction
+    from landscape.surface import compute_surface, grid_axis
+
+    vectors = torch.load(_result_path(root, "final", name, run.epoch, "tail").with_suffix(".pt"))
+    directions = [Direction(vectors[end], "eigen", {"group": "tail", "end": end,
+                                                    "samples": settings["samples"]})
+                  for end in ("top", "bottom")]
+    axis = grid_axis(settings["points"], -settings["span"], settings["span"])
+    out = _result_path(root, "surface", name, run.epoch, "tail").with_suffix(".npz")
+    surface = compute_surface(run, directions, axis, axis, groups=("head", "tail"), path=out)
+    return {"npz": out.name, "tail_min": float(np.nanmin(surface.loss["tail"])),
+            "centre": float(surface.loss["tail"][len(axis) // 2, len(axis) // 2])}
+
+
+def run_task(root: Path, task: tuple) -> None:
+    import torch
+
+    import landscape
+    from train.io import atomic_write_bytes, atomic_write_json
+
+    kind, name, epoch, group = task
+    path = _result_path(root, kind, name, epoch, group)
+    checkpoint = root / "runs" / name / f"epoch_{epoch:04d}.pt"
+    if path.exists() or not checkpoint.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    run = landscape.load(checkpoint, device="cpu")
+    log(f"{kind} {name} epoch {epoch} {group}")
+    if kind == "density":
+        result = _density(run, group, ANALYSIS["density"])
+    elif kind == "surface":
+        result = _surface(run, root, name, ANALYSIS["surface"])
+    else:
+        result = _extremes(run, group, ANALYSIS[kind])
+        vectors = result.pop("vectors")
+        if kind == "final":  # the surface's directions
+            buffer = io.BytesIO()
+            torch.save(vectors, buffer)
+            atomic_write_bytes(path.with_suffix(".pt"), buffer.getvalue())
+    result.update(kind=kind, run=name, epoch=epoch, group=group, settings=ANALYSIS[kind],
+                  dtype=ANALYSIS["dtype"])
+    atomic_write_json(path, result)
+    log(f"done {kind} {name} epoch {epoch} {group}: "
+        + ", ".join(f"{k}={v:.4g}" for k, v in result.items() if isinstance(v, float)))
+
+
+def analyse(root: Path, jobs: int, worker: int | None = None) -> None:
+    """Runs the pending tasks, ``jobs`` worker processes each taking every ``jobs``-th."""
+    tasks = _task_list(root)
+    if worker is not None:
+        import torch
+
+        torch.set_num_threads(1)
+        for task in tasks[worker::jobs]:
+            run_task(root, task)
+        return
+    procs = [subprocess.Popen([sys.executable, __file__, "--root", str(root), "--stage",
+                               "analysis-worker", "--jobs", str(jobs), "--worker", str(k)],
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}) for k in range(jobs)]
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        sys.exit(f"saddle_cifar10: an analysis worker failed ({codes})")
+
+
+# --------------------------------------------------------------------------------------------
+# 4. Figures and table
+
+
+def _results(root: Path, kind: str) -> dict:
+    """``(run, epoch, group) -> result`` of every finished task of ``kind``."""
+    found = {}
+    for path in sorted((root / "analysis").glob(f"*/{kind}_e*.json")):
+        r = json.loads(path.read_text())
+        found[(r["run"], r["epoch"], r["group"])] = r
+    return found
+
+
+def _label(name: str) -> str:
+    from train.options import OPTIMIZER_LABELS
+
+    opt, seed = name.rsplit("-s", 1)
+    return f"{OPTIMIZER_LABELS[opt]} (seed {seed})"
+
+
+def _final_accuracy(root: Path, name: str) -> dict:
+    rows = [json.loads(line) for line in (root / "runs" / name / "metrics.jsonl").open()]
+    return next((r for r in reversed(rows) if r.get("epoch") == COMMON["epochs"]), {})
+
+
+def table(root: Path) -> str:
+    """One row a run: test accuracy (mean per class, no TTA) and the final extremes."""
+    final, full = _results(root, "final"), _results(root, "full")
+    head = ("| run | acc | many | medium | few | head λmax | head λmin | head ratio | tail λmax "
+            "| tail λmin | tail ratio | converged |")
+    lines = [head, "|" + "---|" * 12]
+    for name in RUNS:
+        acc = _final_accuracy(root, name)
+        cells = [_label(name)] + [f"{acc[k]:.1f}" if k in acc else "-"
+                                  for k in ("acc", "acc_many", "acc_medium", "acc_few")]
+        ok = []
+        for group in GROUPS:
+            r = final.get((name, COMMON["epochs"], group))
+            cells += ([f"{r['lambda_max']:.3g}", f"{r['lambda_min']:.3g}", f"{r['ratio']:.3g}"]
+                      if r else ["-"] * 3)
+            ok.append("yes" if r and r["converged"] else "no" if r else "-")
+        lines.append("| " + " | ".join(cells + ["/".join(ok)]) + " |")
+    if full:
+        lines += ["", "Whole groups (every training image of the group):", "",
+                  "| run | group | λmax | λmin | ratio | converged |", "|---|---|---|---|---|---|"]
+        lines += [f"| {_label(n)} | {g} | {r['lambda_max']:.4g} | {r['lambda_min']:.4g} | "
+                  f"{r['ratio']:.4g} | {r['converged']} |" for (n, _, g), r in sorted(full.items())]
+    return "\n".join(lines) + "\n"
+
+
+def figures(root: Path) -> list[Path]:
+    from landscape import plots
+
+    out = root / "figures"
+    out.mkdir(exist_ok=True)
+    written = [out / "table.md"]
+    (out / "table.md").write_text(table(root))
+    curves = _results(root, "curve")
+    series: dict = {}
+    for (name, epoch, group), r in sorted(curves.items(), key=lambda item: item[0][1]):
+        data = series.setdefault(_label(name), {}).setdefault(group, {
+            "epoch": [], "lambda_max": [], "lambda_min": [], "ratio": []})
+        for key in data:
+            data[key].append(epoch if key == "epoch" else r[key])
+    switches = {_label(n): config_of(n, root / "data").preset().switch for n in RUNS
+                if RUNS[n]["opt"] == "ssesam" and _label(n) in series}
+    if series:
+        written.append(plots.plot_indicators_png(series, out / "indicators.png", switches))
+        written.append(plots.plot_indicators_html(series, out / "indicators.html", switches))
+    densities = _results(root, "density")
+    panels: dict = {}
+    for (name, _, group), r in densities.items():
+        panels.setdefault(_label(name), {})[group] = (np.array(r["grid"]), np.array(r["density"]))
+    if panels:
+        written.append(plots.plot_density_panels_png(panels, out / "densities.png",
+                                                     title="Hessian spectral densities, final"))
+        written.append(plots.plot_density_panels_html(panels, out / "densities.html",
+                                                      title="Hessian spectral densities, final"))
+    from landscape.surface import Surface
+
+    for path in sorted((root / "analysis").glob("*/surface_e*_tail.npz")):
+        surface = Surface.load(path)
+        if surface.complete:
+            written.append(plots.plot_surface_contour_png(
+                surface, out / f"surface_tail_{path.parent.name}.png", "tail"))
+    return written
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--root", type=Path, default=ROOT / "checkpoints" / "cifar10-lt")
     p.add_argument("--archive", type=Path, default=ARCHIVE)
-    p.add_argument("--stage", choices=["all", "data", "train", "train-one", "report"],
-                   default="all")
+    p.add_argument("--stage", choices=["all", "data", "train", "train-one", "analysis",
+                                        "analysis-worker", "figures"], default="all")
+    p.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     p.add_argument("--jobs", type=int, default=2, help="training processes at a time")
     p.add_argument("runs", nargs="*", default=list(RUNS), help="which runs (default: all)")
     args = p.parse_args(argv)
@@ -178,6 +414,12 @@ def main(argv=None) -> int:
         build_data(args.archive, root)
     if args.stage in ("all", "train"):
         train_all(root, args.jobs, args.runs)
+    if args.stage == "analysis-worker":
+        analyse(root, args.jobs, args.worker)
+    if args.stage in ("all", "analysis"):
+        analyse(root, args.jobs)
+    if args.stage in ("all", "figures"):
+        figures(root)
     return 0
 
 
