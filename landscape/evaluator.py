@@ -94,7 +94,8 @@ class SurfaceEvaluator:
         n_samples = int(self.targets.shape[0])
         self.batch_size = int(batch_size) if batch_size else max(1, min(n_samples, 4096))
 
-    def _reduce(self, losses: torch.Tensor, hits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _reduce(self, losses: torch.Tensor,
+                hits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample ``(P, N)`` losses and hits -> per-group ``(P, G)`` means."""
         group_loss = losses.to(torch.float64) @ self.memberships.T / self.counts
         group_acc = 100.0 * (hits.to(torch.float64) @ self.memberships.T) / self.counts
