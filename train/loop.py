@@ -18,6 +18,7 @@ what the uninterrupted run would have done.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from dataclasses import dataclass
@@ -169,7 +170,8 @@ class Trainer:
         weights = group_sample_weights(targets, self.group_of_class, len(p.groups),
                                        config.group_reduction, self.group_scale,
                                        batch_size=global_size,
-                                       sum_over_ranks=distributed.all_reduce_sum)
+                                       sum_over_ranks=distributed.all_reduce_sum,
+                                       dtype=next(self.model.parameters()).dtype)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=config.bf16):
             return self.step.step(inputs, targets, self.loss_fn, rhos, weights)
 
@@ -258,11 +260,26 @@ def train(config: Config, out: str | Path, resume: bool = False, overwrite: bool
         data: a dataset already built (tests); by default it is built from the config.
         reduce_gradients: gradient all-reduce for data parallelism (see :class:`GroupSAM`).
         is_writer: whether this process writes files (rank 0 under torchrun).
+
+    Raises:
+        train.run_folder.RunBusy: another live process writes into ``out`` (the writer holds
+            the folder's lock from before its first check to its last write).
     """
     out = Path(out)
+    with files.RunLock(out, "training") if is_writer else contextlib.nullcontext():
+        return _train_locked(config, out, resume, overwrite, progress, log, data,
+                             reduce_gradients, is_writer)
+
+
+def _train_locked(config: Config, out: Path, resume: bool, overwrite: bool, progress: bool,
+                  log: Callable[[str], None], data: Optional[LongTailData], reduce_gradients,
+                  is_writer: bool) -> Path:
     # The folder and its newest checkpoint are checked before the (slow) data and model.
     state = _prepare_folder(config, out, resume, overwrite)
     found = _latest_good_checkpoint(out) if state == 0 else None
+    if state == 0 and found is None and not overwrite:
+        _refuse_to_start_over(out)
+    kept_rows = ckpt.metrics_through(out, found[0]) if found is not None else []
     trainer = Trainer.build(config, data=data, reduce_gradients=reduce_gradients)
     start = 0
     if found is not None:
@@ -282,10 +299,22 @@ def train(config: Config, out: str | Path, resume: bool = False, overwrite: bool
             atomic_write_bytes(out / files.METRICS, b"")
             ckpt.save_checkpoint(out, 0, trainer.state())
         else:  # drop metrics of epochs after the checkpoint: they are about to be redone
-            rows = [r for r in ckpt.read_metrics(out) if r.get("epoch", 0) <= start]
-            write_lines(out / files.METRICS, rows)
+            write_lines(out / files.METRICS, kept_rows)
     _run_epochs(trainer, out, start, progress, log, is_writer)
     return out
+
+
+def _refuse_to_start_over(out: Path) -> None:
+    """``--resume`` with no checkpoint left starts the run over only if it had trained no epoch
+    (killed before its first checkpoint); else its checkpoints were moved away, and starting
+    over would empty its metrics."""
+    rows, recorded = len(ckpt.read_metrics(out)), [e for e in ckpt.recorded_epochs(out) if e]
+    if rows or recorded:
+        had = (f"{files.METRICS} holds {rows} epoch(s)" if rows else
+               f"{files.MANIFEST} records {files.checkpoint_name(recorded[-1])}")
+        raise ckpt.CheckpointError(f"{out}: no checkpoint left to resume from, though {had} "
+                                   "(moved away?); put them back, or start the run over with "
+                                   "--out and --overwrite")
 
 
 def _clear_run(out: Path, log: Callable[[str], None]) -> None:

@@ -260,8 +260,8 @@ def group_sample_weights(targets: torch.Tensor, group_of_class: torch.Tensor, nu
                          reduction: str = "batch",
                          group_scale: Optional[torch.Tensor] = None, *,
                          batch_size: Optional[int] = None,
-                         sum_over_ranks: Optional[Callable[[list[torch.Tensor]], None]] = None
-                         ) -> torch.Tensor:
+                         sum_over_ranks: Optional[Callable[[list[torch.Tensor]], None]] = None,
+                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
     r"""The ``(num_groups, B)`` weights of :meth:`GroupSAM.step`.
 
     Under data parallelism ``targets`` is this rank's part of a global batch; with the global
@@ -281,10 +281,12 @@ def group_sample_weights(targets: torch.Tensor, group_of_class: torch.Tensor, nu
         batch_size: size of the whole batch (default ``B``; the global batch under torchrun).
         sum_over_ranks: sums the group sizes over the ranks in place (``"group"`` reduction;
             one all-reduce of ``num_groups`` numbers, no host synchronisation).
+        dtype: of the weights: the losses' (``1/B`` in float32 would cost a float64 model
+            its last eight digits).
     """
     check_choice("group_reduction", reduction, OptimError)
     member = (group_of_class[targets][None, :] ==
-              torch.arange(num_groups, device=targets.device)[:, None]).to(torch.float32)
+              torch.arange(num_groups, device=targets.device)[:, None]).to(dtype)
     if reduction == "batch":
         weights = member / (targets.shape[0] if batch_size is None else batch_size)
     else:  # group
