@@ -69,6 +69,18 @@ def run_cli(argv: list[str], log_path: str, rename_delay: float = 0.0) -> None:
     os._exit(rc)
 
 
+def run_left_alone(folder: Path, argv: list[str]) -> Path:
+    """Trains ``python -m train ARGV --out FOLDER/run`` in this process, uninterrupted (the
+    reference the interrupted runs must equal; one thread, like the processes tested)."""
+    from train.cli import parse
+    from train.loop import train
+
+    out = folder / "run"
+    config, _, _, _, _ = parse(argv + ["--out", str(out)])
+    train(config, out, progress=False, log=lambda message: None)
+    return out
+
+
 def temp_files(run: Path) -> list[str]:
     from train.io import TEMP_RE
 

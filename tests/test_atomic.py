@@ -26,11 +26,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _kill_helpers import (check_run_folder, digests, forkserver_context,  # noqa: E402
-                           metrics_without_time, noop, run_cli, temp_files)
+                           metrics_without_time, noop, run_cli, run_left_alone, temp_files)
 from train import checkpoint as ckpt  # noqa: E402
 from train import io as tio  # noqa: E402
-from train.cli import main as train_main, parse  # noqa: E402
-from train.loop import train  # noqa: E402
+from train.cli import main as train_main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 # SSE-SAM switches stage at epoch ceil(0.7 * 10) = 7; --save_every 2 makes resumed runs redo
@@ -42,11 +41,8 @@ KILLS = 24
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
-    """The run of ``ARGS`` left alone (in this process, one thread, like the killed ones)."""
-    out = tmp_path_factory.mktemp("reference") / "run"
-    config, _, _, _, _ = parse(ARGS + ["--out", str(out)])
-    train(config, out, progress=False, log=lambda message: None)
-    return out
+    """The run of ``ARGS`` left alone."""
+    return run_left_alone(tmp_path_factory.mktemp("reference"), ARGS)
 
 
 def _wait_for_temp(run: Path, process, prefix: str, old: set, timeout: float = 60.0) -> None:

@@ -162,15 +162,49 @@ def _cases(runs):
         (run / ckpt.MANIFEST).write_text('{"epoch_0002.pt": [1, 2]}')
         return newest(run), ["not a JSON object"]
 
+    def epoch_past_the_run(run):  # digest-valid, name and content agree: 2 epochs cannot
+        state = ckpt.load_checkpoint(newest(run))
+        del state["format"], state["epoch"]
+        path = ckpt.save_checkpoint(run, 99999999, state)
+        return path, ["holds epoch 99999999", "its run has 2 epochs"]
+
+    def manifest_epoch_differs(run):
+        manifest = json.loads((run / ckpt.MANIFEST).read_text())
+        manifest[newest(run).name]["epoch"] = 1
+        (run / ckpt.MANIFEST).write_text(json.dumps(manifest))
+        return newest(run), ["holds epoch 2, 1 recorded"]
+
+    def derived_groups_edited(run):  # the report would show these groups, the numbers not
+        config = json.loads((run / "config.json").read_text())
+        groups = config["derived"]["groups"]
+        groups["head"], groups["tail"] = groups["head"][:-1], [groups["head"][-1]] + groups["tail"]
+        (run / "config.json").write_text(json.dumps(config))
+        return run / "config.json", ["derived groups differ", "edited"]
+
+    def derived_not_an_object(run):
+        config = json.loads((run / "config.json").read_text())
+        (run / "config.json").write_text(json.dumps({**config, "derived": "x"}))
+        return run / "config.json", ['"derived" is "x"']
+
+    def derived_missing(run):
+        config = json.loads((run / "config.json").read_text())
+        del config["derived"]
+        (run / "config.json").write_text(json.dumps(config))
+        return run / "config.json", ['"derived" is null']
+
     return {f.__name__: f for f in (truncated, altered, unrecorded, garbage_recorded, renamed,
                                     other_models_weights, other_runs_checkpoint,
                                     other_runs_config, not_a_checkpoint, manifest_unreadable,
-                                    manifest_entry_not_an_object)}
+                                    manifest_entry_not_an_object, epoch_past_the_run,
+                                    manifest_epoch_differs, derived_groups_edited,
+                                    derived_not_an_object, derived_missing)}
 
 
 CASES = ["truncated", "altered", "unrecorded", "garbage_recorded", "renamed",
          "other_models_weights", "other_runs_checkpoint", "other_runs_config",
-         "not_a_checkpoint", "manifest_unreadable", "manifest_entry_not_an_object"]
+         "not_a_checkpoint", "manifest_unreadable", "manifest_entry_not_an_object",
+         "epoch_past_the_run", "manifest_epoch_differs", "derived_groups_edited",
+         "derived_not_an_object", "derived_missing"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -235,11 +269,12 @@ def test_hostile_cifar_batch_runs_no_code(tmp_path, capsys):
     with pytest.raises(DataError) as caught:
         load_dataset("cifar10", 10, data_dir=tmp_path / "data", download=False)
     assert "refusing to unpickle" in str(caught.value) and "open" in str(caught.value)
+    assert str(caught.value).startswith(f"{batch}: "), caught.value  # names the file
     out = tmp_path / "run"
     assert train_main(["--dataset", "cifar10", "--data_dir", str(tmp_path / "data"),
                        "--out", str(out), "--epochs", "1", "--no_progress"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "refusing to unpickle" in err, err
+    assert err.count("\n") == 1 and "refusing to unpickle" in err and str(batch) in err, err
     assert not out.exists() and not marker.exists()
     with open(batch, "rb") as f:
         pickle.load(f)["data"].close()  # the payload is live

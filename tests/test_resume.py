@@ -264,3 +264,56 @@ def test_existing_run_is_never_overwritten_without_resume_or_overwrite(tmp_path,
     assert train_main(["--resume", str(run), "--no_progress"]) == 0
     assert _snapshot(run) == finished
     assert len(ckpt.read_metrics(run)) == 1
+
+
+@pytest.mark.parametrize("epoch", ['"3"', "null", "1.5", "true", "0", "two rows"])
+def test_metrics_row_without_a_whole_epoch_refuses_resume(tmp_path, capsys, epoch):
+    """Rule: every row of metrics.jsonl names a whole epoch >= 1, once; else --resume refuses in
+    one line and writes nothing (a row it cannot place is never dropped or kept in silence)."""
+    run = tmp_path / "run"
+    assert train_main(ARGS + ["--epochs", "3", "--out", str(run)]) == 0
+    ckpt.checkpoint_path(run, 3).unlink()  # so that the resume has an epoch to redo
+    rows = (run / "metrics.jsonl").read_text().splitlines()
+    bad = rows[1] if epoch == "two rows" else json.dumps({**json.loads(rows[1]),
+                                                           "epoch": json.loads(epoch)})
+    (run / "metrics.jsonl").write_text("\n".join([rows[0], bad, *rows[1:]]) + "\n")
+    capsys.readouterr()
+    before = _snapshot(run)
+    assert train_main(["--resume", str(run), "--no_progress"]) == 2
+    err = _one_error_line(capsys)
+    assert str(run / "metrics.jsonl") in err
+    assert ("two rows for epoch 2" if epoch == "two rows" else f"epoch {epoch}, not a whole") in err
+    assert _snapshot(run) == before
+
+
+def test_resume_with_every_checkpoint_moved_away_refuses_unless_overwrite(tmp_path, capsys):
+    run, away = tmp_path / "run", tmp_path / "away"
+    assert train_main(ARGS + ["--epochs", "2", "--out", str(run)]) == 0
+    away.mkdir()
+    for _, path in ckpt.list_checkpoints(run):
+        path.rename(away / path.name)
+    for moved in ([], ["metrics.jsonl"]):  # then the manifest alone remembers the epochs
+        for name in moved:
+            (run / name).rename(away / name)
+        capsys.readouterr()
+        before = _snapshot(run)
+        assert train_main(["--resume", str(run), "--no_progress"]) == 2
+        err = _one_error_line(capsys)
+        assert f"{run}: no checkpoint left to resume from" in err and "--overwrite" in err
+        assert ("checkpoints.json records epoch_0002.pt" if moved
+                else "metrics.jsonl holds 2 epoch(s)") in err
+        assert _snapshot(run) == before
+
+    # Asked to (resume and overwrite): the run starts over.
+    config = Config.from_json(ckpt.read_config(run))
+    train(config, run, resume=True, overwrite=True, progress=False, log=lambda m: None)
+    assert [row["epoch"] for row in ckpt.read_metrics(run)] == [1, 2]
+    assert [e for e, _ in ckpt.list_checkpoints(run)] == [0, 1, 2]
+
+    # A run killed before its first checkpoint had nothing to lose: --resume starts it.
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    shutil.copy(run / "config.json", partial / "config.json")
+    (partial / "metrics.jsonl").write_bytes(b"")
+    assert train_main(["--resume", str(partial), "--no_progress"]) == 0
+    assert [e for e, _ in ckpt.list_checkpoints(partial)] == [0, 1, 2]

@@ -158,6 +158,45 @@ def test_resume_unreadable(tmp_path, capsys, damage):
     assert _snapshot(out) == before  # nothing written
 
 
+@pytest.mark.parametrize("flag", ["--out", "--resume"])
+def test_empty_folder_name_is_refused(tmp_path, monkeypatch, capsys, flag):
+    monkeypatch.chdir(tmp_path)  # where the default folder (or ./config.json) would be
+    assert main([*FAST, "--epochs", "1", flag, ""]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0] == f"error: {flag} needs a folder; got an empty name"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_is_one_line_naming_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    from train.loop import Trainer
+    from train.optim import GroupSAM
+
+    real, calls = GroupSAM.step, {"n": 0}
+    steps = math.ceil(sum(Config(dataset="digits", imb_factor=20).counts) / 64)
+
+    def step(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2 * steps + 3:  # inside epoch 3
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(GroupSAM, "step", step)
+    out = tmp_path / "my run"
+    assert main([*FAST, "--epochs", "4", "--save_every", "1", "--out", str(out)]) == 130
+    captured = capsys.readouterr()
+    assert captured.err == (f"interrupted; the last checkpoint is {out / 'epoch_0002.pt'}: "
+                            f"continue with python -m train --resume '{out}'\n")
+    assert captured.out == "" and not (out / ".lock").exists()
+
+    def build(*args, **kwargs):  # interrupted during the data load: nothing written yet
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "build", build)
+    assert main([*FAST, "--epochs", "1", "--out", str(tmp_path / "other")]) == 130
+    assert capsys.readouterr().err == "interrupted before any checkpoint was written\n"
+    assert not (tmp_path / "other").exists()
+
+
 @pytest.mark.parametrize("target", ["missing", "file"])
 def test_resume_not_a_run(tmp_path, capsys, target):
     path = tmp_path / "missing"
@@ -193,8 +232,8 @@ def test_choices_are_the_vocabulary(tmp_path, monkeypatch):
         for value in allowed:  # every listed value is a valid config
             if name == "model" and value == "resnet34":
                 continue  # valid, only slow to build below; checked by the next line
-            extra = ({"data_dir": images, "imb_factor": 2.0} if (name, value) == ("dataset", "folder")
-                     else {})
+            folder = (name, value) == ("dataset", "folder")
+            extra = {"data_dir": images, "imb_factor": 2.0} if folder else {}
             assert getattr(Config(**{name: value}, **extra), name) == value
         with pytest.raises(ValueError, match="choose from " + ", ".join(allowed)):
             Config(**{name: "no-such-" + name})

@@ -41,7 +41,8 @@ from train.run_folder import BEST, CHECKPOINT_RE, CONFIG, MANIFEST, METRICS, che
 
 __all__ = [
     "CheckpointError", "save_checkpoint", "load_checkpoint", "list_checkpoints", "checkpoint_path",
-    "read_config", "check_derived", "read_metrics", "recorded_epochs", "clean_stale_temps",
+    "read_config", "check_derived", "read_metrics", "metrics_through", "recorded_epochs",
+    "clean_stale_temps",
     "FORMAT", "MANIFEST",
 ]
 
@@ -67,6 +68,30 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
         if isinstance(row, dict):
             rows.append(row)
     return rows
+
+
+def metrics_through(run_dir: str | os.PathLike, epoch: int) -> list[dict]:
+    """The rows of epochs ``1..epoch``: what a run resumed after ``epoch`` keeps.
+
+    Every row must carry a whole epoch number and no epoch may have two rows, or this refuses
+    (rather than drop in silence a row it cannot place, or keep the rows of two runs).
+
+    Raises:
+        CheckpointError: one line naming ``metrics.jsonl`` and the bad row's epoch.
+    """
+    path, kept, seen = Path(run_dir) / METRICS, [], set()
+    for row in read_metrics(run_dir):
+        number = row.get("epoch")
+        if type(number) is not int or number < 1:
+            raise CheckpointError(f"{path}: a row with epoch {summarize(json.dumps(number), 40)}, "
+                                  "not a whole number >= 1; fix or remove that row to resume")
+        if number in seen:
+            raise CheckpointError(f"{path}: two rows for epoch {number} (rows of two runs?); "
+                                  "remove the wrong one to resume")
+        seen.add(number)
+        if number <= epoch:
+            kept.append(row)
+    return kept
 
 
 def read_config(run_dir: str | os.PathLike) -> dict:

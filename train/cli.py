@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -31,6 +32,7 @@ __all__ = ["main", "build_parser", "UsageError"]
 
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 
 
 def _bool(text: str) -> bool:
@@ -143,6 +145,9 @@ def parse(argv: Optional[Sequence[str]] = None) -> tuple[Config, Path, bool, boo
     args = vars(build_parser().parse_args(argv))
     given = {k: v for k, v in args.items() if k not in _NOT_CONFIG}
     resume = "resume" in args
+    for name in ("out", "resume"):
+        if args.get(name) == "":
+            raise UsageError(f"--{name} needs a folder; got an empty name")
     if resume:
         from train.checkpoint import read_config
 
@@ -171,12 +176,29 @@ def _say(message: str, every_rank: bool = False) -> None:
         print(message if rank == "0" else f"[rank {rank}] {message}", file=sys.stderr)
 
 
+def _interrupted(out: Optional[Path]) -> str:
+    """The line after a Ctrl-C: the newest checkpoint, and how to go on from it."""
+    from tqdm import tqdm
+
+    from train.checkpoint import list_checkpoints
+
+    for bar in list(getattr(tqdm, "_instances", ())):  # clear a progress bar's line first
+        bar.close()
+    found = list_checkpoints(out) if out is not None else []
+    if not found:
+        return "interrupted before any checkpoint was written"
+    return (f"interrupted; the last checkpoint is {found[-1][1]}: continue with python -m train "
+            f"--resume {shlex.quote(str(out))}")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from train import distributed
     from train.checkpoint import CheckpointError
     from train.data import DataError
     from train.loop import TrainingDiverged, train
+    from train.run_folder import RunBusy
 
+    out = None
     try:
         config, out, resume, overwrite, progress = parse(argv)
         device = distributed.setup(config.device)  # torchrun: process group, cuda:LOCAL_RANK
@@ -188,9 +210,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except distributed.DistributedError as error:
         _say(f"error: {error}", every_rank=True)
         return EXIT_USAGE
-    except (UsageError, ConfigError, DataError, CheckpointError) as error:
+    except (UsageError, ConfigError, DataError, CheckpointError, RunBusy) as error:
         _say(f"error: {error}")
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        _say(_interrupted(out))
+        return EXIT_INTERRUPTED
     except TrainingDiverged as error:
         _say(f"error: {error}; the last good checkpoint is kept")
         return EXIT_DIVERGED
