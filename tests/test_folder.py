@@ -126,35 +126,23 @@ def test_class_left_empty_by_the_cut(tmp_path, cache):
         folder.load_folder(root, imb_factor=10, cache_dir=cache)
 
 
-@pytest.mark.parametrize("line, message", [
-    ("train/a_dog/000.png -1", r"train.txt:2: label -1 out of range"),
-    ("train/a_dog/000.png", r"train.txt:2: expected 'relative/path label'"),
-    ("train/a_dog/000.png x", r"train.txt:2: expected 'relative/path label'"),
+@pytest.mark.parametrize("train, test, message", [
+    ("train/a_dog/001.png 0\ntrain/a_dog/000.png -1", "test/a_dog/000.png 0",
+     r"train.txt:2: label -1 out of range"),
+    ("train/a_dog/001.png 0\ntrain/a_dog/000.png", "test/a_dog/000.png 0",
+     r"train.txt:2: expected 'relative/path label'"),
+    ("train/a_dog/001.png 0\ntrain/a_dog/000.png x", "test/a_dog/000.png 0",
+     r"train.txt:2: expected 'relative/path label'"),
+    ("train/a_dog/000.png 0\ntrain/b_cat/000.png 1", "test/a_dog/000.png 0\ntest/c_emu/000.png 2",
+     r"test.txt:2: label 2 out of range \(the training list has 0..1\)"),
+    ("train/a_dog/000.png 0\ntrain/b_cat/000.png 2", "test/a_dog/000.png 0",
+     r"class '1' has no training images"),  # a gap in the labels is an empty class
 ])
-def test_bad_list_lines(tmp_path, cache, line, message):
+def test_bad_list_files(tmp_path, cache, train, test, message):
     root = write_folder(tmp_path / "data")
-    (tmp_path / "train.txt").write_text(f"train/a_dog/001.png 0\n{line}\n")
-    (tmp_path / "test.txt").write_text("test/a_dog/000.png 0\n")
+    (tmp_path / "train.txt").write_text(train + "\n")
+    (tmp_path / "test.txt").write_text(test + "\n")
     with pytest.raises(DataError, match=message):
-        folder.load_folder(root, train_list=tmp_path / "train.txt",
-                           test_list=tmp_path / "test.txt", cache_dir=cache)
-
-
-def test_test_label_beyond_the_training_classes(tmp_path, cache):
-    root = write_folder(tmp_path / "data")
-    (tmp_path / "train.txt").write_text("train/a_dog/000.png 0\ntrain/b_cat/000.png 1\n")
-    (tmp_path / "test.txt").write_text("test/a_dog/000.png 0\ntest/c_emu/000.png 2\n")
-    with pytest.raises(DataError, match=r"test.txt:2: label 2 out of range \(the training list "
-                                        r"has 0..1\)"):
-        folder.load_folder(root, train_list=tmp_path / "train.txt",
-                           test_list=tmp_path / "test.txt", cache_dir=cache)
-
-
-def test_a_gap_in_the_list_labels_is_an_empty_class(tmp_path, cache):
-    root = write_folder(tmp_path / "data")
-    (tmp_path / "train.txt").write_text("train/a_dog/000.png 0\ntrain/b_cat/000.png 2\n")
-    (tmp_path / "test.txt").write_text("test/a_dog/000.png 0\n")
-    with pytest.raises(DataError, match=r"class '1' has no training images"):
         folder.load_folder(root, train_list=tmp_path / "train.txt",
                            test_list=tmp_path / "test.txt", cache_dir=cache)
 
