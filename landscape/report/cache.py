@@ -20,7 +20,7 @@ import io
 import json
 import zipfile
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 
@@ -29,7 +29,7 @@ from landscape.report.settings import DEFAULT_SETTINGS, ReportSettings
 from train import checkpoint as ckpt
 from train.io import atomic_write_bytes, atomic_write_json
 
-__all__ = ["group_indicators", "group_density", "CACHE_FORMAT"]
+__all__ = ["group_indicators", "group_density", "cached_entry", "CACHE_FORMAT"]
 
 CACHE_FORMAT = "landscape-hessian-cache/1"
 
@@ -81,27 +81,41 @@ def group_indicators(run, group: str, settings: ReportSettings = DEFAULT_SETTING
     that file with the whole summary."""
     from landscape.hessian import hessian_summary
 
+    def compute() -> tuple[dict, dict]:
+        summary = hessian_summary(run, group, top=1, bottom=1, seed=settings.seed,
+                                  split=settings.split, tol=settings.tol,
+                                  max_steps=settings.steps)
+        eigen = summary.eigen
+        indicators = GroupIndicators(
+            epoch=run.epoch, group=group, lambda_max=summary.top[0],
+            lambda_min=summary.bottom[0], converged=summary.converged,
+            residuals=(float(eigen.top_residuals[0]), float(eigen.bottom_residuals[0])),
+            lanczos_steps=int(eigen.steps), seconds=summary.provenance.seconds)
+        return indicators.to_json(), {"summary": summary.to_json()}
+
     key = _cache_key(run, group, "extremes", settings)
+    return GroupIndicators.from_json(cached_entry(run, group, key, compute, cache))
+
+
+def cached_entry(run, name: str, key: Mapping[str, Any],
+                 compute: Callable[[], tuple[dict, dict]], cache: bool = True) -> dict:
+    """The JSON result stored under ``key`` in ``RUN_DIR/hessian/epoch_NNNN_NAME.json`` (the
+    file of this module's format), or else ``compute()``'s ``(result, extra)``: ``result`` is
+    added to that file under ``key``, with ``extra``'s items beside it, and returned. ``key``
+    must hold everything that determines the result; ``checkpoint_sha256`` is added to it."""
+    key = {**key, "checkpoint_sha256": _checkpoint_digest(run.path)}
     key_id = _key_id(key)
-    path = _cache_folder(run) / f"epoch_{run.epoch:04d}_{group}.json"
+    path = _cache_folder(run) / f"epoch_{run.epoch:04d}_{name}.json"
     entries = _read_entries(path) if cache else {}
     if key_id in entries and entries[key_id].get("key") == key:
-        return GroupIndicators.from_json(entries[key_id]["result"])
-    summary = hessian_summary(run, group, top=1, bottom=1, seed=settings.seed,
-                              split=settings.split, tol=settings.tol, max_steps=settings.steps)
-    eigen = summary.eigen
-    indicators = GroupIndicators(
-        epoch=run.epoch, group=group, lambda_max=summary.top[0], lambda_min=summary.bottom[0],
-        converged=summary.converged,
-        residuals=(float(eigen.top_residuals[0]), float(eigen.bottom_residuals[0])),
-        lanczos_steps=int(eigen.steps), seconds=summary.provenance.seconds)
+        return entries[key_id]["result"]
+    result, extra = compute()
     if cache:
         path.parent.mkdir(exist_ok=True)
         entries = _read_entries(path)  # re-read: another process may have added entries
-        entries[key_id] = {"key": key, "result": indicators.to_json(),
-                           "summary": summary.to_json()}
+        entries[key_id] = {"key": key, "result": result, **extra}
         atomic_write_json(path, {"format": CACHE_FORMAT, "entries": entries})
-    return indicators
+    return result
 
 
 def group_density(run, group: str, settings: ReportSettings = DEFAULT_SETTINGS,
