@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from landscape.errors import AnalysisError
+from train.cli_base import add_threads, set_threads
 
 DEMO_OPTIMIZERS = ("sgd", "sam", "imbsam", "ssesam")
 # The embedded default: digits-LT at imbalance 20 (counts 120 ... 6; head = 4 classes with
@@ -25,7 +26,7 @@ DEMO_OPTIMIZERS = ("sgd", "sam", "imbsam", "ssesam")
 DEMO_TRAINING = {"dataset": "digits", "imb_factor": 20.0, "lr": 0.1}
 
 
-def _add_report_options(p) -> None:
+def _add_report_options(p, threads: str = "torch's default") -> None:
     p.add_argument("--every", type=int, default=1,
                    help="use checkpoints whose epoch is a multiple of K (and the last) [1]")
     p.add_argument("--steps", type=int, default=100,
@@ -41,8 +42,7 @@ def _add_report_options(p) -> None:
     p.add_argument("--no_cache", action="store_true",
                    help="neither read nor write RUN_DIR/hessian/ caches")
     p.add_argument("--device", help="cpu, cuda or cuda:N [cuda if available]")
-    p.add_argument("--threads", type=int, help="torch intra-op CPU threads [torch's default; "
-                                               "demo: 1]")
+    add_threads(p, threads)
     p.add_argument("--no_progress", action="store_true", help="no progress lines")
 
 
@@ -60,7 +60,7 @@ def add_parser(subparsers) -> None:
     d.add_argument("--epochs", type=int, default=60, help="[60]")
     d.add_argument("--save_every", type=int, default=6, help="checkpoint every N epochs [6]")
     d.add_argument("--train_seed", type=int, help="training seed [the seed code's, 9826]")
-    _add_report_options(d)
+    _add_report_options(d, threads="1")
     d.set_defaults(run=run_demo)
 
 
@@ -76,14 +76,23 @@ def _settings(args):
 def _set_threads(args, default=None) -> None:
     """The command's CPU threads. The demo's default is 1: its tiny operations lose more to
     thread synchronisation than they gain (BENCHMARKS.md, "Hessian analysis")."""
-    threads = args.threads if args.threads is not None else default
-    if threads is None:
-        return
-    if threads < 1:
-        raise AnalysisError(f"--threads must be >= 1, got {threads}")
-    import torch
+    set_threads(args.threads if args.threads is not None else default)
 
-    torch.set_num_threads(threads)
+
+def _runs_only(paths) -> list[Path]:
+    """``paths`` less the folders that are not runs (no ``config.json``), which are named in one
+    line, so that ``report checkpoints/demo/*`` passes over ``report/``. A path that is not a
+    folder stays, for the report to refuse (a mistyped run is an error, not a skip)."""
+    runs, skipped = [], []
+    for path in map(Path, paths):
+        not_run = path.is_dir() and not (path / "config.json").exists()
+        (skipped if not_run else runs).append(str(path))
+    if not runs:
+        raise AnalysisError(f"no run folder (one with a config.json) among {', '.join(skipped)}")
+    if skipped:
+        print(f"skipping {len(skipped)} folder(s) that are not runs (no config.json): "
+              f"{', '.join(skipped)}", file=sys.stderr)
+    return [Path(p) for p in runs]
 
 
 def _progress(args):
@@ -104,8 +113,7 @@ def run_report(args) -> int:
     from landscape.report import build_report
 
     settings = _settings(args)
-    _set_threads(args)
-    report = build_report(args.run_dirs, settings, device=args.device,
+    report = build_report(_runs_only(args.run_dirs), settings, device=args.device,
                           progress=_progress(args), cache=not args.no_cache)
     _write(report, Path(args.out))
     return 0

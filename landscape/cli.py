@@ -19,7 +19,7 @@ import importlib
 import sys
 from typing import Optional, Sequence
 
-from train.cli_base import OneLineParser, UsageError, one_line
+from train.cli_base import OneLineParser, UsageError, add_threads, one_line, set_threads
 
 __all__ = ["main", "UsageError", "SUBCOMMANDS"]
 
@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.add_parser(subparsers)
+    for sub in subparsers.choices.values():  # --threads on every subcommand
+        if not any("--threads" in action.option_strings for action in sub._actions):
+            add_threads(sub)
     return parser
 
 
@@ -75,6 +78,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         args = build_parser().parse_args(argv)
+        set_threads(args.threads)  # demo: its own default of 1 (landscape/_cli_report.py)
         _distributed_setup(args)
         return int(args.run(args) or 0)
     except (UsageError, *USER_ERRORS) as error:

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from train.cli_base import OneLineParser, UsageError, one_line
+from train.cli_base import OneLineParser, UsageError, add_threads, one_line, set_threads
 from train.config import CHOICES, Config, ConfigError
 from train.data import SPECS
 from train.models import DEFAULT_WIDTH
@@ -114,9 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
            default="2 for imbsam (the ImbSAM authors' code), else 1; 1 under --protocol seed")
     option(opt, "bn_update", "BatchNorm running stats from the forward at w only, or from every "
            "forward the seed code runs", default="w; all under --protocol seed")
-    option(opt, "epochs", type=int)
+    option(opt, "epochs", type=int, default=_per(SPECS, lambda spec: spec.default_epochs)
+           + "; 200 for folder")
     option(opt, "batch_size", type=int)
-    option(opt, "lr", type=float)
+    option(opt, "lr", type=float, default=_per(SPECS, lambda spec: f"{spec.default_lr:g}")
+           + "; 0.01 for folder")
     option(opt, "momentum", type=float)
     option(opt, "wd", "weight decay", type=float)
     run = p.add_argument_group("run")
@@ -130,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true",
                      help="replace a run already in --out (only the run's own files are removed)")
     run.add_argument("--no_progress", action="store_true", help="no progress bar")
+    add_threads(run)
     fast = p.add_argument_group("speed (GPU)")
     option(fast, "channels_last", **flag)
     option(fast, "bf16", "bf16 autocast of forwards and backwards", **flag)
@@ -137,13 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-_NOT_CONFIG = ("out", "resume", "overwrite", "no_progress")
+_NOT_CONFIG = ("out", "resume", "overwrite", "no_progress", "threads")
 
 
 def parse(argv: Optional[Sequence[str]] = None) -> tuple[Config, Path, bool, bool, bool]:
     """Arguments to ``(config, out, resume, overwrite, progress)``; raises on bad input."""
     args = vars(build_parser().parse_args(argv))
     given = {k: v for k, v in args.items() if k not in _NOT_CONFIG}
+    set_threads(args.get("threads"))
     resume = "resume" in args
     for name in ("out", "resume"):
         if args.get(name) == "":
@@ -165,7 +169,19 @@ def parse(argv: Optional[Sequence[str]] = None) -> tuple[Config, Path, bool, boo
     else:
         config = Config(**given)
         out = Path(args.get("out") or f"checkpoints/{config.dataset}-{config.opt}-{config.loss}")
+    _warn_ignored(config.opt, given)
     return config, out, resume, bool(args.get("overwrite")), not args.get("no_progress", False)
+
+
+def _warn_ignored(opt: str, given) -> None:
+    """One warning line for the optimizer settings given that ``opt`` does not read
+    (:func:`train.optim.ignored_flags`); training goes on."""
+    from train.optim import ignored_flags
+
+    ignored = ignored_flags(opt, given)
+    if ignored:
+        flags = ", ".join(f"--{name}" for name in ignored)
+        _say(f"warning: --opt {opt} ignores {flags}")
 
 
 def _say(message: str, every_rank: bool = False) -> None:

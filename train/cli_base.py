@@ -19,7 +19,7 @@ import re
 
 from train.io import one_line
 
-__all__ = ["UsageError", "OneLineParser", "one_line"]
+__all__ = ["UsageError", "OneLineParser", "one_line", "add_threads", "set_threads"]
 
 
 class UsageError(Exception):
@@ -37,3 +37,25 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str):  # argparse prints usage + message; we want one line
         raise UsageError(f"{self.prog}: {message}")
+
+
+def add_threads(parser: argparse.ArgumentParser, default: str = "torch's default") -> None:
+    """``--threads N`` (every command has it): torch's intra-op CPU threads. On a loaded or
+    small machine one thread can be many times faster than the default (BENCHMARKS.md)."""
+    parser.add_argument("--threads", type=int, default=None,
+                        help=f"torch intra-op CPU threads (torch.set_num_threads) [{default}]")
+
+
+def set_threads(threads) -> None:
+    """Applies ``--threads`` (``None``: leave torch's setting alone).
+
+    Raises:
+        UsageError: fewer than 1 thread.
+    """
+    if threads is None:
+        return
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise UsageError(f"--threads must be an integer >= 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)

@@ -4,8 +4,10 @@ The defaults are the values of the SSE-SAM README command (CIFAR-100-LT, IF=100,
 lr 0.01, momentum 0.9, weight decay 1e-3, batch 64, 200 epochs of cosine annealing, seed 9826,
 rho 0.05 (SAM, ImbSAM), head_rho 0.05, tail_rho 0.1, gamma 0.7, imbalance factor 100 and, for
 CIFAR, eta 100. (The seed code's argparse defaults differ and are not used.) The dataset
-defaults to the embedded digits-LT (model ``mlp``, eta 40); CIFAR and image folders default to
-the classic ResNet-32, and ``protocol="seed"`` to the seed's ResNet-34.
+defaults to the embedded digits-LT (model ``mlp``, eta 40, and the demo's lr 0.1 and 60 epochs,
+so that a bare ``python -m train`` learns); CIFAR and image folders default to the classic
+ResNet-32, and ``protocol="seed"`` to the seed's ResNet-34. Per-dataset defaults are the
+:class:`train.data.DatasetSpec` fields ``default_*``; ``config.json`` stores the resolved values.
 
 Three fields default by protocol and optimizer (``None`` until resolved):
 
@@ -26,6 +28,8 @@ Example:
     (2.0, 'group')
     >>> Config(dataset="cifar100", protocol="seed").model, Config(dataset="cifar100").eta
     ('resnet34', 100.0)
+    >>> Config().lr, Config().epochs, Config(dataset="cifar10").lr, Config(dataset="cifar10").epochs
+    (0.1, 60, 0.01, 200)
 """
 
 from __future__ import annotations
@@ -91,9 +95,9 @@ class Config:
     group_reduction: Optional[str] = None
     tail_scale: Optional[float] = None
     bn_update: Optional[str] = None
-    epochs: int = 200
+    epochs: Optional[int] = None
     batch_size: int = 64
-    lr: float = 0.01
+    lr: Optional[float] = None
     momentum: float = 0.9
     wd: float = 1e-3
     seed: int = 9826
@@ -111,8 +115,11 @@ class Config:
         if self.dataset != "folder" and (self.train_list or self.test_list or self.image_size):
             raise ConfigError("--train_list, --test_list and --image_size need --dataset folder")
         seed, imbsam = self.protocol == "seed", self.opt == "imbsam"
-        self._default("model", "resnet34" if seed else self._defaults().default_model)
-        self._default("eta", float(self._defaults().default_eta))
+        spec = self._defaults()
+        self._default("model", "resnet34" if seed else spec.default_model)
+        self._default("eta", float(spec.default_eta))
+        self._default("lr", float(spec.default_lr))
+        self._default("epochs", int(spec.default_epochs))
         self._default("width", DEFAULT_WIDTH.get(self.model, 1))
         self._default("bn_update", "all" if seed else "w")
         self._default("group_reduction", "group" if seed and imbsam else "batch")
@@ -279,7 +286,7 @@ def identity_changes(old: Config, new: Config) -> list[str]:
     ``old``, sorted; empty when both describe the same run.
 
     Example:
-        >>> identity_changes(Config(), Config(lr=0.1, device="cpu"))
+        >>> identity_changes(Config(), Config(lr=0.2, device="cpu"))
         ['lr']
     """
     theirs, ours = old.identity(), new.identity()

@@ -74,6 +74,7 @@ class DatasetSpec:
         flip: whether training images are flipped horizontally at random.
         default_eta: the tail threshold ``--eta`` when none is given.
         default_model: the ``--model`` when none is given.
+        default_lr, default_epochs: ``--lr`` and ``--epochs`` when none is given.
     """
 
     name: str
@@ -89,6 +90,8 @@ class DatasetSpec:
     few_below: int
     default_eta: int
     default_model: str = "resnet32"
+    default_lr: float = 0.01
+    default_epochs: int = 200
 
 
 SPECS = {
@@ -98,7 +101,8 @@ SPECS = {
                             True, many_above=100, few_below=20, default_eta=100),
     # Digits are not mirror-symmetric, so no flip; a 1-pixel shift is the 8x8 analogue of 4/32.
     "digits": DatasetSpec("digits", 10, 120, (1, 8, 8), DIGITS_MEAN, DIGITS_STD, 16.0, 1, False,
-                          many_above=60, few_below=20, default_eta=40, default_model="mlp"),
+                          many_above=60, few_below=20, default_eta=40, default_model="mlp",
+                          default_lr=0.1, default_epochs=60),  # the demo's: an MLP that learns
 }
 
 

@@ -55,7 +55,7 @@ from train.options import OPTIMIZERS, check_choice
 from train.protocol import BatchStatistics
 
 __all__ = ["Preset", "preset", "switch_epoch", "GroupSAM", "group_sample_weights", "OptimError",
-           "OPTIMIZERS"]
+           "OPTIMIZERS", "READS", "ignored_flags"]
 
 
 class OptimError(ValueError):
@@ -110,6 +110,30 @@ def preset(name: str, *, rho: float = 0.05, head_rho: float = 0.05, tail_rho: fl
         return Preset(name, ("head", "tail"), (0.0, rho), (0.0, rho), epochs)
     return Preset(name, ("head", "tail"), (head_rho, tail_rho), (0.0, tail_rho),  # ssesam
                   switch_epoch(gamma, epochs))
+
+
+# The optimizer settings each preset reads (the table above); the others change nothing.
+# tail_scale and group_reduction act on the head/tail split, which sgd and sam do not make.
+READS = {
+    "sgd": (),
+    "sam": ("rho",),
+    "imbsam": ("rho", "tail_scale", "group_reduction"),
+    "ssesam": ("head_rho", "tail_rho", "gamma", "tail_scale", "group_reduction"),
+}
+
+
+def ignored_flags(name: str, given) -> list[str]:
+    """The settings among ``given`` (names) that preset ``name`` does not read, in the order of
+    ``READS["ssesam"]`` after ``rho``: what a command line warns about instead of ignoring.
+
+    Example:
+        >>> ignored_flags("sgd", ["rho", "lr"]), ignored_flags("sam", ["head_rho", "rho"])
+        (['rho'], ['head_rho'])
+    """
+    check_choice("opt", name, OptimError)
+    known = ("rho",) + READS["ssesam"]
+    given = set(given)
+    return [flag for flag in known if flag in given and flag not in READS[name]]
 
 
 @contextlib.contextmanager

@@ -1,0 +1,91 @@
+"""Issue 11, point 5: dataset-aware training defaults, --threads on every command, one warning
+line for an optimizer setting the chosen optimizer ignores, and report skipping folders that are
+not runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from train import cli as train_cli
+from train.config import Config
+from train.data import SPECS
+from train.optim import READS, ignored_flags
+
+
+def test_training_defaults_follow_the_dataset():
+    digits, cifar = Config(), Config(dataset="cifar100")
+    assert (digits.lr, digits.epochs) == (SPECS["digits"].default_lr,
+                                          SPECS["digits"].default_epochs) == (0.1, 60)
+    assert (cifar.lr, cifar.epochs) == (0.01, 200)  # the seed README's
+    assert (Config(lr=0.03, epochs=7).lr, Config(lr=0.03, epochs=7).epochs) == (0.03, 7)
+    stored = Config().to_json()  # config.json holds the resolved values, not null
+    assert (stored["lr"], stored["epochs"]) == (0.1, 60)
+    assert Config.from_json({**stored, "lr": None, "epochs": None}) == Config()
+
+
+def test_help_shows_the_per_dataset_defaults():
+    text = train_cli.build_parser().format_help()
+    assert "60 for digits" in text and "0.1 for digits" in text and "0.01 for cifar10" in text
+    assert "[None]" not in text
+
+
+def test_ignored_flags_follow_the_presets():
+    assert ignored_flags("sgd", ["rho", "head_rho", "lr"]) == ["rho", "head_rho"]
+    assert ignored_flags("ssesam", ["rho", "head_rho", "gamma"]) == ["rho"]
+    assert ignored_flags("sam", ["tail_scale", "gamma", "rho"]) == ["gamma", "tail_scale"]
+    assert ignored_flags("imbsam", ["rho", "tail_scale"]) == []
+    for opt, reads in READS.items():  # what a preset reads is never called ignored
+        assert ignored_flags(opt, reads) == []
+
+
+def test_an_ignored_flag_is_one_warning_line_and_training_goes_on(capsys):
+    config, *_ = train_cli.parse(["--opt", "sgd", "--rho", "0.2", "--head_rho", "0.1"])
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == ["warning: --opt sgd ignores --rho, --head_rho"]
+    assert config.opt == "sgd" and config.rho == 0.2
+    train_cli.parse(["--opt", "ssesam", "--head_rho", "0.1", "--gamma", "0.5"])
+    assert capsys.readouterr().err == ""
+
+
+def test_threads_on_the_training_command(monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    config, *_ = train_cli.parse(["--threads", "3"])
+    assert calls == [3] and "threads" not in json.dumps(config.to_json())
+    assert train_cli.main(["--threads", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --threads must be an integer >= 1, got 0"]
+
+
+def test_threads_on_every_landscape_subcommand(monkeypatch, landscape_cli):
+    from landscape.cli import SUBCOMMANDS, build_parser
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if a.dest == "command").choices
+    assert set(SUBCOMMANDS) <= set(subparsers)
+    for name, sub in subparsers.items():
+        assert "--threads" in sub.format_help(), name
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    code, _, err = landscape_cli(["hessian", "no-such-run", "--threads", "2"])
+    assert code == 2 and calls == [2] and len(err.strip().splitlines()) == 1
+    code, _, err = landscape_cli(["surface", "no-such-run", "--threads", "-1"])
+    assert code == 2 and err.strip() == "error: --threads must be an integer >= 1, got -1"
+
+
+def test_report_skips_folders_that_are_not_runs(tiny_mlp_path, tmp_path, landscape_cli):
+    beside = tmp_path / "report"  # what `report checkpoints/demo/*` meets beside the runs
+    beside.mkdir()
+    out = tmp_path / "out"
+    code, stdout, err = landscape_cli(["report", tiny_mlp_path, str(beside), "--out", str(out),
+                                       "--no_densities", "--steps", "20", "--every", "100",
+                                       "--no_progress"])
+    assert code == 0, err
+    assert err.strip().splitlines() == [
+        f"skipping 1 folder(s) that are not runs (no config.json): {beside}"]
+    assert (out / "table.md").exists()
+    code, _, err = landscape_cli(["report", str(beside), "--out", str(out), "--no_progress"])
+    assert code == 2 and "no run folder" in err and len(err.strip().splitlines()) == 1
