@@ -337,13 +337,21 @@ def _final_accuracy(root: Path, name: str) -> dict:
     return next((r for r in reversed(rows) if r.get("epoch") == COMMON["epochs"]), {})
 
 
+def _hours(root: Path, name: str) -> float:
+    """Wall-clock hours of the run's epochs (one thread; an upper bound of its CPU time)."""
+    rows = [json.loads(line) for line in (root / "runs" / name / "metrics.jsonl").open()]
+    return sum(r.get("seconds", 0.0) for r in rows) / 3600
+
+
 def table(root: Path) -> str:
     """One row a run: test accuracy (mean per class, no TTA) and the final extremes."""
     final, full = _results(root, "final"), _results(root, "full")
     head = ("| run | acc | many | medium | few | head λmax | head λmin | head ratio | tail λmax "
-            "| tail λmin | tail ratio | converged |")
-    lines = [head, "|" + "---|" * 12]
+            "| tail λmin | tail ratio | converged | training (h) |")
+    lines = [head, "|" + "---|" * 13]
     for name in RUNS:
+        if not (root / "runs" / name / "metrics.jsonl").is_file():
+            continue
         acc = _final_accuracy(root, name)
         cells = [_label(name)] + [f"{acc[k]:.1f}" if k in acc else "-"
                                   for k in ("acc", "acc_many", "acc_medium", "acc_few")]
@@ -353,7 +361,7 @@ def table(root: Path) -> str:
             cells += ([f"{r['lambda_max']:.3g}", f"{r['lambda_min']:.3g}", f"{r['ratio']:.3g}"]
                       if r else ["-"] * 3)
             ok.append("yes" if r and r["converged"] else "no" if r else "-")
-        lines.append("| " + " | ".join(cells + ["/".join(ok)]) + " |")
+        lines.append("| " + " | ".join(cells + ["/".join(ok), f"{_hours(root, name):.2f}"]) + " |")
     if full:
         lines += ["", "Whole groups (every training image of the group):", "",
                   "| run | group | λmax | λmin | ratio | converged |", "|---|---|---|---|---|---|"]
