@@ -16,16 +16,20 @@ of ``python -m train``):
 >>> surface = landscape.compute_surface(run, landscape.random_directions(run.model, 1), axis)
 >>> surface.loss["tail"].shape
 (3,)
+>>> sweep = landscape.class_sweep(run, classes=[0, 9], steps=30, trace_hvps=9)   # per class
+>>> [(r.class_id, r.group, r.train_count) for r in sweep.classes]
+[(0, 'head', 120), (9, 'tail', 6)]
 >>> settings = landscape.ReportSettings(steps=30, probes=2, every=3)
 >>> [r.label for r in landscape.build_report([run_dir], settings, device="cpu").runs]
 ['SSE-SAM']
 
 Lower levels: :mod:`landscape.hvp` (the operator), :mod:`landscape.lanczos`,
-:mod:`landscape.eigen`, :mod:`landscape.slq`, :mod:`landscape.traces`,
+:mod:`landscape.eigen`, :mod:`landscape.slq`, :mod:`landscape.classes`, :mod:`landscape.traces`,
 :mod:`landscape.layout` (the flat parameter layout), :mod:`landscape.directions`,
 :mod:`landscape.surface`, :mod:`landscape.report`, :mod:`landscape.plots`.
 """
 
+from landscape.classes import ClassResult, ClassSweep, class_sweep
 from landscape.directions import (eigen_directions, interpolation_direction, random_directions,
                                   trajectory_pca)
 from landscape.eigen import saddle_ratio
@@ -37,4 +41,5 @@ from landscape.surface import Surface, compute_surface, grid_axis
 __all__ = ["Run", "load", "HessianSummary", "hessian_summary", "spectral_densities",
            "save_spectra", "saddle_ratio", "random_directions", "eigen_directions",
            "interpolation_direction", "trajectory_pca", "Surface", "compute_surface",
-           "grid_axis", "ReportSettings", "build_report", "write_report"]
+           "grid_axis", "ReportSettings", "build_report", "write_report", "class_sweep",
+           "ClassSweep", "ClassResult"]

@@ -12,6 +12,9 @@
 * Surfaces (``landscape.surface.compute_surface``): of each block of grid points, point ``i``
   is evaluated by rank ``i % world`` and the values are gathered on every rank
   (:func:`evaluate_shared`); a point's value does not depend on which rank computed it.
+* Independent items (``landscape.classes``: one class each): item ``i`` is computed by rank
+  ``i % world`` on its own (:func:`map_shared`: within it :func:`sample_range` is every sample
+  and :func:`sum_` sums nothing), and the results are gathered on every rank.
 * Files are written by rank 0 only (:func:`is_writer`).
 
 The process group is the one of ``train.distributed`` (NCCL on CUDA with ``cuda:LOCAL_RANK``,
@@ -20,7 +23,8 @@ gloo on the CPU).
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -29,12 +33,13 @@ import torch.distributed as dist
 from train import distributed as _train
 
 __all__ = ["setup", "world", "rank", "is_writer", "barrier", "sample_range", "sum_",
-           "evaluate_shared"]
+           "evaluate_shared", "map_shared"]
 
 world = _train.world
 rank = _train.rank
 is_writer = _train.is_main
 barrier = _train.barrier
+_alone = [False]  # inside map_shared: this rank works on its own items with all their samples
 
 
 def setup(device: Optional[str]) -> Optional[str]:
@@ -45,12 +50,12 @@ def setup(device: Optional[str]) -> Optional[str]:
 
 def sample_range(n: int) -> tuple[int, int]:
     """``[start, stop)`` of this rank's contiguous share of ``n`` samples (all of them alone)."""
-    return _train.shard_bounds(n, world(), rank())
+    return (0, n) if _alone[0] else _train.shard_bounds(n, world(), rank())
 
 
 def sum_(tensor: torch.Tensor) -> torch.Tensor:
     """Sums ``tensor`` over the ranks in place and returns it (unchanged for one process)."""
-    if world() > 1:
+    if world() > 1 and not _alone[0]:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
@@ -75,3 +80,26 @@ def evaluate_shared(evaluate: Callable[[np.ndarray], tuple[np.ndarray, ...]],
                 out[r::world()] = p[k]
         results.append(out)
     return tuple(results)
+
+
+@contextmanager
+def _on_my_own() -> Iterator[None]:
+    _alone[0] = True
+    try:
+        yield
+    finally:
+        _alone[0] = False
+
+
+def map_shared(compute: Callable, items: Sequence) -> list:
+    """``[compute(item) for item in items]`` with the items shared out: rank ``r`` computes items
+    ``r, r + world, ...`` on its own (no collective inside ``compute``), and every rank returns
+    the whole list (the results are gathered; they must be picklable)."""
+    if world() <= 1:
+        return [compute(item) for item in items]
+    with _on_my_own():
+        mine = {i: compute(items[i]) for i in range(rank(), len(items), world())}
+    gathered: list = [None] * world()
+    dist.all_gather_object(gathered, mine)
+    merged = {i: result for part in gathered for i, result in part.items()}
+    return [merged[i] for i in range(len(items))]

@@ -6,6 +6,7 @@ Subcommands (each lives in its own module, which provides ``add_parser(subparser
     hessian   extreme eigenvalues, trace and the saddle ratio of a group's loss
     spectrum  Lanczos spectral densities (SLQ) of several groups, as npz, PNG and HTML
     surface   1-D / 2-D loss and accuracy surfaces along chosen directions
+    classes   per-class extremes, trace and density against the class's training count
     report    the saddle report across runs and epochs
     demo      train the four optimizers on digits-LT, then write the report
 
@@ -28,6 +29,7 @@ SUBCOMMANDS = {
     "hessian": "landscape._cli_hessian",
     "spectrum": "landscape._cli_hessian",
     "surface": "landscape._cli_surface",
+    "classes": "landscape._cli_classes",
     "report": "landscape._cli_report",
     "demo": "landscape._cli_report",
 }
@@ -55,7 +57,7 @@ def _distributed_setup(args) -> None:
     """Under torchrun, ``hessian``, ``spectrum`` and ``surface`` share their work between the
     ranks (``landscape/_distributed.py``): process group, this rank's device, progress bars and
     files from rank 0 only."""
-    if args.command not in ("hessian", "spectrum", "surface"):
+    if args.command not in ("hessian", "spectrum", "surface", "classes"):
         return
     import atexit
 

@@ -7,44 +7,46 @@ its path.
 
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
-from typing import Mapping, Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")  # files only: never ask for a display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from landscape._figures import (PLOTLY_TEMPLATE, PathLike, color, png_bytes, plt, save_html,
+                                save_png)
+from landscape._plots_report import (class_density_panels, plot_classes_html, plot_classes_png,
+                                     plot_indicators_html, plot_indicators_png)
+from train.io import atomic_write_bytes
 
-from train.io import atomic_write_bytes  # noqa: E402
-
-PathLike = Union[str, Path]
-
-
-def _png_bytes(fig, dpi: int = 120) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
-    return buffer.getvalue()
-
-
-def _save_png(fig, path: PathLike, dpi: int = 120) -> Path:
-    atomic_write_bytes(path, _png_bytes(fig, dpi))
-    return Path(path)
-
-
-def _save_html(fig, path: PathLike) -> Path:
-    html = fig.to_html(include_plotlyjs=True, full_html=True)
-    atomic_write_bytes(path, html.encode("utf-8"))
-    return Path(path)
+__all__ = ["plot_surface_line_png", "plot_surface_contour_png", "plot_surface_3d_png",
+           "plot_surface_html", "plot_indicators_png", "plot_indicators_html",
+           "plot_classes_png", "plot_classes_html", "class_density_panels",
+           "render_density_panels_png", "render_density_panels_html", "render_densities_png",
+           "render_densities_html", "plot_density_panels_png", "plot_density_panels_html",
+           "symlog_threshold", "run_title", "write_class_figures", "DENSITY_FLOOR"]
 
 
 # --------------------------------------------------------------------------------------------
 # Loss surfaces (landscape.surface)
 
 _QUANTITY_LABEL = {"loss": "loss", "accuracy": "accuracy (%)"}
+
+
+def run_title(meta: Mapping) -> str:
+    """``RUN (OPTIMIZER) epoch E`` for a surface's ``meta``: the run folder's name, and its
+    optimizer from the folder's ``config.json`` when that is still readable."""
+    from train.checkpoint import CheckpointError, read_config
+    from train.options import OPTIMIZER_LABELS
+
+    run_dir = meta.get("run_dir")
+    name = Path(run_dir).name if run_dir else str(meta.get("model"))
+    try:
+        opt = read_config(run_dir).get("opt") if run_dir else None
+    except (CheckpointError, OSError, ValueError, AttributeError):
+        opt = None
+    label = f"{name} ({OPTIMIZER_LABELS.get(opt, opt)})" if opt else name
+    return f"{label} epoch {meta.get('epoch')}"
 
 
 def _surface_values(surface, group: str, quantity: str) -> np.ndarray:
@@ -76,30 +78,38 @@ def _axis_labels(surface) -> tuple[str, str]:
 def plot_surface_line_png(surface, path: PathLike, quantity: str = "loss") -> Path:
     """A 1-D surface: one curve per group."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    for group in surface.groups:
-        ax.plot(surface.alphas, _surface_values(surface, group, quantity), label=group)
+    for k, group in enumerate(surface.groups):
+        ax.plot(surface.alphas, _surface_values(surface, group, quantity), label=group,
+                color=color(group, k))
     ax.set_xlabel(_axis_labels(surface)[0])
     ax.set_ylabel(_QUANTITY_LABEL[quantity])
     if quantity == "loss":
         ax.set_yscale("log")
-    ax.set_title(f"{surface.meta.get('model')} epoch {surface.meta.get('epoch')}: {quantity}")
+    ax.set_title(f"{run_title(surface.meta)}: {quantity}")
     ax.legend()
     ax.grid(alpha=0.3)
-    return _save_png(fig, path)
+    return save_png(fig, path)
 
 
 def plot_surface_contour_png(surface, path: PathLike, group: str, quantity: str = "loss",
                              trajectory: Optional[np.ndarray] = None,
-                             trajectory_labels: Optional[Sequence] = None) -> Path:
-    """Filled contours of a 2-D surface of one group (log10 of the loss, so that the basin
-    and the walls are both visible), the centre marked, and optionally a projected trajectory."""
+                             trajectory_labels: Optional[Sequence] = None, *, levels: int = 30,
+                             vmin: Optional[float] = None, vmax: Optional[float] = None,
+                             scale: str = "log") -> Path:
+    """Filled contours of a 2-D surface of one group (``scale="log"``: log10 of the loss, so
+    that the basin and the walls are both visible), the centre marked, and optionally a
+    projected trajectory. ``levels`` filled bands between ``vmin`` and ``vmax`` (in the
+    quantity's units; default the surface's range; values beyond fall in the end bands)."""
     values = _surface_values(surface, group, quantity)
-    shown = np.log10(np.clip(values, 1e-12, None)) if quantity == "loss" else values
+    log = quantity == "loss" and scale == "log"
+    shown = np.log10(np.clip(values, 1e-12, None)) if log else values
+    bounds = _contour_levels(shown, levels, vmin, vmax, log)
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
-    filled = ax.contourf(surface.alphas, surface.betas, shown, levels=30, cmap="viridis")
-    ax.contour(surface.alphas, surface.betas, shown, levels=15, colors="white",
+    filled = ax.contourf(surface.alphas, surface.betas, shown, levels=bounds, cmap="viridis",
+                         extend="both")
+    ax.contour(surface.alphas, surface.betas, shown, levels=bounds[::2], colors="white",
                linewidths=0.4, alpha=0.6)
-    fig.colorbar(filled, ax=ax, label="log10 loss" if quantity == "loss" else "accuracy (%)")
+    fig.colorbar(filled, ax=ax, label="log10 loss" if log else _QUANTITY_LABEL[quantity])
     ax.plot([0], [0], marker="*", color="red", markersize=10, linestyle="none",
             label="checkpoint")
     if trajectory is not None and len(trajectory):
@@ -110,9 +120,19 @@ def plot_surface_contour_png(surface, path: PathLike, group: str, quantity: str 
     xlabel, ylabel = _axis_labels(surface)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(f"{group} {quantity}, epoch {surface.meta.get('epoch')}")
+    ax.set_title(f"{run_title(surface.meta)}: {group} {quantity}", fontsize=10)
     ax.legend(loc="upper right", fontsize=7)
-    return _save_png(fig, path)
+    return save_png(fig, path)
+
+
+def _contour_levels(shown: np.ndarray, levels: int, vmin: Optional[float],
+                    vmax: Optional[float], log: bool) -> np.ndarray:
+    """``levels + 1`` band edges from ``vmin`` to ``vmax`` (log10 of them when ``log``)."""
+    lo = np.nanmin(shown) if vmin is None else (np.log10(vmin) if log else vmin)
+    hi = np.nanmax(shown) if vmax is None else (np.log10(vmax) if log else vmax)
+    if not hi > lo:  # a flat surface: one band around its value
+        lo, hi = lo - 0.5, hi + 0.5
+    return np.linspace(lo, hi, int(levels) + 1)
 
 
 def plot_surface_3d_png(surface, path: PathLike, group: str, quantity: str = "loss") -> Path:
@@ -127,8 +147,8 @@ def plot_surface_3d_png(surface, path: PathLike, group: str, quantity: str = "lo
     ax.set_ylabel(ylabel, fontsize=7)
     ax.set_zlabel(_QUANTITY_LABEL[quantity])
     ax.tick_params(labelsize=6)
-    ax.set_title(f"{group} {quantity}, epoch {surface.meta.get('epoch')}")
-    return _save_png(fig, path)
+    ax.set_title(f"{run_title(surface.meta)}: {group} {quantity}", fontsize=10)
+    return save_png(fig, path)
 
 
 def plot_surface_html(surface, path: PathLike, quantity: str = "loss") -> Path:
@@ -142,107 +162,33 @@ def plot_surface_html(surface, path: PathLike, quantity: str = "loss") -> Path:
     for k, group in enumerate(groups):
         values = _surface_values(surface, group, quantity)
         if surface.ndim == 1:
-            fig.add_trace(go.Scatter(x=surface.alphas, y=values, mode="lines+markers", name=group))
+            fig.add_trace(go.Scatter(x=surface.alphas, y=values, mode="lines+markers", name=group,
+                                     line={"color": color(group, k)}))
         else:
             fig.add_trace(go.Surface(x=surface.alphas, y=surface.betas, z=values, name=group,
                                      colorscale="Viridis", visible=(k == 0),
                                      colorbar={"title": quantity}))
-    title = f"{surface.meta.get('model')} epoch {surface.meta.get('epoch')}: {quantity}"
+    title = f"{run_title(surface.meta)}: {quantity}"
     if surface.ndim == 2:
         buttons = [{"label": group, "method": "update",
                     "args": [{"visible": [j == k for j in range(len(groups))]},
                              {"title": f"{title} ({group})"}]}
                    for k, group in enumerate(groups)]
-        fig.update_layout(updatemenus=[{"buttons": buttons, "x": 0.0, "y": 1.1,
-                                        "xanchor": "left"}],
+        fig.update_layout(updatemenus=[{"buttons": buttons, "x": 1.0, "y": 1.0,
+                                        "xanchor": "right", "yanchor": "top"}],
+                          annotations=[{"text": "group:", "x": 1.0, "y": 1.0, "xref": "paper",
+                                        "yref": "paper", "xanchor": "right", "yanchor": "top",
+                                        "xshift": -90, "yshift": -4, "showarrow": False}],
+                          template=PLOTLY_TEMPLATE, margin={"t": 80},
                           scene={"xaxis_title": xlabel, "yaxis_title": ylabel,
                                  "zaxis_title": quantity},
                           title=f"{title} ({groups[0]})")
     else:
-        fig.update_layout(xaxis_title=xlabel, yaxis_title=quantity, title=title)
+        fig.update_layout(xaxis_title=xlabel, yaxis_title=quantity, title=title,
+                          template=PLOTLY_TEMPLATE)
         if quantity == "loss":
             fig.update_yaxes(type="log")
-    return _save_html(fig, path)
-
-
-# --------------------------------------------------------------------------------------------
-# The saddle report (landscape.report)
-
-_INDICATORS = (("lambda_max", "lambda_max"), ("lambda_min", "lambda_min"),
-               ("ratio", "lambda_min / lambda_max"))
-
-
-def plot_indicators_png(series: Mapping[str, Mapping[str, Mapping[str, Sequence[float]]]],
-                        path: PathLike, switches: Optional[Mapping[str, int]] = None,
-                        groups: Sequence[str] = ("head", "tail")) -> Path:
-    """Saddle indicators over training: rows lambda_max, lambda_min, lambda_min/lambda_max;
-    one column per group; one line per run.
-
-    Args:
-        series: run label -> group -> ``{"epoch": [...], "lambda_max": [...],
-            "lambda_min": [...], "ratio": [...]}``.
-        switches: run label -> epoch where its SSE-SAM stage II begins (a dashed line).
-    """
-    fig, axes = plt.subplots(len(_INDICATORS), len(groups), figsize=(5 * len(groups), 9),
-                             sharex=True, squeeze=False)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for col, group in enumerate(groups):
-        for row, (key, label) in enumerate(_INDICATORS):
-            ax = axes[row][col]
-            for k, (run_label, per_group) in enumerate(series.items()):
-                data = per_group.get(group)
-                if not data:
-                    continue
-                ax.plot(data["epoch"], data[key], "o-", markersize=3,
-                        color=colors[k % len(colors)], label=run_label)
-            for k, (run_label, epoch) in enumerate((switches or {}).items()):
-                index = list(series).index(run_label) if run_label in series else k
-                ax.axvline(epoch, color=colors[index % len(colors)], linestyle="--",
-                           linewidth=1, label=f"{run_label} stage II" if row == 0 else None)
-            if key == "ratio":
-                ax.axhline(0, color="black", linewidth=0.6)
-            values = [v for data in (g.get(group) for g in series.values()) if data
-                      for v in data[key]]
-            if key == "lambda_max" and values and min(values) > 0:
-                ax.set_yscale("log")
-            ax.set_ylabel(label)
-            if row == 0:
-                ax.set_title(f"{group} loss")
-            if row == len(_INDICATORS) - 1:
-                ax.set_xlabel("epoch")
-            ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle("Saddle indicators over training (negative lambda_min: a saddle)")
-    return _save_png(fig, path)
-
-
-def plot_indicators_html(series, path: PathLike, switches: Optional[Mapping[str, int]] = None,
-                         groups: Sequence[str] = ("head", "tail")) -> Path:
-    """Interactive version of :func:`plot_indicators_png` (hover for values)."""
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-
-    titles = [f"{group}: {label}" for _, label in _INDICATORS for group in groups]
-    fig = make_subplots(rows=len(_INDICATORS), cols=len(groups), shared_xaxes=True,
-                        subplot_titles=titles)
-    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"]
-    for k, (run_label, per_group) in enumerate(series.items()):
-        color = palette[k % len(palette)]
-        for col, group in enumerate(groups, start=1):
-            data = per_group.get(group)
-            if not data:
-                continue
-            for row, (key, _) in enumerate(_INDICATORS, start=1):
-                fig.add_trace(go.Scatter(x=data["epoch"], y=data[key], mode="lines+markers",
-                                         name=run_label, legendgroup=run_label,
-                                         showlegend=(row == 1 and col == 1),
-                                         line={"color": color}), row=row, col=col)
-    for k, (run_label, epoch) in enumerate((switches or {}).items()):
-        index = list(series).index(run_label) if run_label in series else k
-        fig.add_vline(x=epoch, line_dash="dash", line_color=palette[index % len(palette)],
-                      annotation_text=f"{run_label} stage II")
-    fig.update_layout(height=900, title="Saddle indicators over training")
-    return _save_html(fig, path)
+    return save_html(fig, path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,7 +196,6 @@ def plot_indicators_html(series, path: PathLike, switches: Optional[Mapping[str,
 # figures: symmetric-log eigenvalue axis, log density axis.
 
 DENSITY_FLOOR = 1e-7  # the log axis shows density + 0 down to here (PyHessian's plots add 1e-7)
-_GROUP_COLORS = {"head": "#1f77b4", "tail": "#d62728", "all": "#2ca02c"}
 
 
 def _grid_and_density(value) -> tuple[np.ndarray, np.ndarray]:
@@ -283,9 +228,9 @@ def _panel_grid(count: int) -> tuple[int, int]:
 
 def _draw_densities(ax, densities: Mapping[str, object], c: float, floor: float,
                     title: str) -> None:
-    for label, value in densities.items():
+    for k, (label, value) in enumerate(densities.items()):
         grid, density = _grid_and_density(value)
-        ax.plot(grid, np.maximum(density, floor), label=label, color=_GROUP_COLORS.get(label),
+        ax.plot(grid, np.maximum(density, floor), label=label, color=color(label, k),
                 linewidth=1.0)
     ax.set_xscale("symlog", linthresh=c)
     ax.set_yscale("log")
@@ -313,7 +258,9 @@ def render_density_panels_png(panels: Mapping[str, Mapping[str, object]], title:
     one per run."""
     c = _linthresh(panels, linthresh)
     rows, cols = _panel_grid(len(panels))
-    fig, axes = plt.subplots(rows, cols, figsize=(6.4 * cols, 4.2 * rows), squeeze=False)
+    # Shared axes: every panel on the same eigenvalue and density ranges, to be compared.
+    fig, axes = plt.subplots(rows, cols, figsize=(6.4 * cols, 4.2 * rows), squeeze=False,
+                             sharex=True, sharey=True)
     for k, (name, densities) in enumerate(panels.items()):
         _draw_densities(axes[k // cols][k % cols], densities, c, floor, name)
     for k in range(len(panels), rows * cols):
@@ -321,7 +268,7 @@ def render_density_panels_png(panels: Mapping[str, Mapping[str, object]], title:
     if len(panels) > 1 and title:
         fig.suptitle(title)
     fig.tight_layout()
-    return _png_bytes(fig)
+    return png_bytes(fig)
 
 
 def render_density_panels_html(panels: Mapping[str, Mapping[str, object]], title: str = "",
@@ -336,17 +283,17 @@ def render_density_panels_html(panels: Mapping[str, Mapping[str, object]], title
 
     c = _linthresh(panels, linthresh)
     rows, cols = _panel_grid(len(panels))
-    fig = make_subplots(rows=rows, cols=cols,
+    fig = make_subplots(rows=rows, cols=cols, shared_xaxes="all", shared_yaxes="all",
                         subplot_titles=list(panels) if len(panels) > 1 else None)
     top, shown = 0.0, set()
     for k, densities in enumerate(panels.values()):
-        for label, value in densities.items():
+        for j, (label, value) in enumerate(densities.items()):
             grid, density = _grid_and_density(value)
             top = max(top, float(np.abs(grid).max()))
             fig.add_trace(go.Scatter(
                 x=_symlog(grid, c), y=np.maximum(density, floor), mode="lines", name=label,
                 legendgroup=label, showlegend=label not in shown, customdata=grid,
-                line={"color": _GROUP_COLORS.get(label)},
+                line={"color": color(label, j)},
                 hovertemplate="eigenvalue %{customdata:.4g}<br>density %{y:.3g}"),
                 row=k // cols + 1, col=k % cols + 1)
             shown.add(label)
@@ -355,8 +302,8 @@ def render_density_panels_html(panels: Mapping[str, Mapping[str, object]], title
     fig.update_xaxes(tickvals=_symlog(np.array(ticks), c).tolist(),
                      ticktext=[f"{t:g}" for t in ticks],
                      title=f"eigenvalue (symmetric log, linear in [-{c:g}, {c:g}])")
-    fig.update_yaxes(type="log", title="density")
-    fig.update_layout(title=title or next(iter(panels), ""), template="plotly_white",
+    fig.update_yaxes(type="log", title="density", exponentformat="power", dtick=2)
+    fig.update_layout(title=title or next(iter(panels), ""), template=PLOTLY_TEMPLATE,
                       height=max(450, 350 * rows))
     return fig.to_html(include_plotlyjs=True, full_html=True)
 
@@ -390,3 +337,18 @@ def plot_density_panels_html(panels: Mapping[str, Mapping[str, object]], path: P
     """Writes :func:`render_density_panels_html`'s figure: interactive, opens offline."""
     atomic_write_bytes(path, render_density_panels_html(panels, title, linthresh).encode())
     return Path(path)
+
+
+def write_class_figures(sweeps: Mapping[str, object], out: PathLike, title: str) -> list[Path]:
+    """``classes.png/.html`` of ``sweeps`` (run label -> :class:`landscape.classes.ClassSweep`)
+    into ``out``, and ``class_densities.png/.html`` when the sweeps hold densities."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [plot_classes_png(sweeps, out / "classes.png", title),
+               plot_classes_html(sweeps, out / "classes.html", title)]
+    panels = class_density_panels(sweeps)
+    if panels:
+        name = f"{title}: per-class Hessian spectral densities (SLQ)"
+        written.append(plot_density_panels_png(panels, out / "class_densities.png", name))
+        written.append(plot_density_panels_html(panels, out / "class_densities.html", name))
+    return written

@@ -113,10 +113,17 @@ def _run_summary(run_dir: Path, config: dict, label: str, settings: ReportSettin
     for group in settings.groups if settings.densities else ():
         densities[group] = group_density(run, group, settings, cache)
         report(f"density {group}")
+    sweep = None
+    if settings.classes:
+        from landscape.classes import class_sweep
+
+        sweep = class_sweep(run, settings.classes, steps=settings.steps, tol=settings.tol,
+                            seed=settings.seed, split=settings.split, cache=cache)
+        report("classes")
     derived = config.get("derived", {})
     switch = derived.get("switch_epoch") if config.get("opt") == "ssesam" else None
     return RunSummary(label, str(run_dir), str(config.get("opt")), run.epoch, switch,
-                      _final_accuracy(run), tuple(indicators), densities)
+                      _final_accuracy(run), tuple(indicators), densities, sweep)
 
 
 def build_report(run_dirs: Sequence[PathLike], settings: ReportSettings = DEFAULT_SETTINGS,

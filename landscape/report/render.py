@@ -15,7 +15,8 @@ PathLike = Union[str, Path]
 
 def write_report(report: SaddleReport, out: PathLike) -> list[Path]:
     """Writes ``table.csv``, ``table.md``, ``report.json``, ``report.md`` and the figures
-    (``indicators.png/.html``, ``densities.png/.html``) into ``out``; returns the paths.
+    (``indicators.png/.html``, ``densities.png/.html``, and with a per-class sweep
+    ``classes.png/.html``) into ``out``; returns the paths.
 
     Example:
         >>> import tempfile
@@ -33,18 +34,27 @@ def write_report(report: SaddleReport, out: PathLike) -> list[Path]:
     series = {r.label: {g: r.series(g) for g in report.settings.groups} for r in report.runs}
     switches = {r.label: r.switch_epoch for r in report.runs if r.switch_epoch is not None}
     groups = report.settings.groups
-    written.append(plots.plot_indicators_png(series, out / "indicators.png", switches, groups))
-    written.append(plots.plot_indicators_html(series, out / "indicators.html", switches, groups))
+    names = ", ".join(series)
+    title = f"Saddle indicators over training, {report.dataset}: {names} (λmin < 0: a saddle)"
+    written.append(plots.plot_indicators_png(series, out / "indicators.png", switches, groups,
+                                             title))
+    written.append(plots.plot_indicators_html(series, out / "indicators.html", switches, groups,
+                                              title))
     # One panel per run: its groups' densities at its final checkpoint.
     densities = {f"{r.label} (epoch {r.final_epoch})": dict(r.densities) for r in report.runs
                  if r.densities}
     if densities:
-        title = f"Hessian spectral densities (SLQ), {' vs '.join(groups)}"
+        title = f"Hessian spectral densities (SLQ), {' vs '.join(groups)}: {names}"
         written.append(plots.plot_density_panels_png(densities, out / "densities.png", title))
         written.append(plots.plot_density_panels_html(densities, out / "densities.html", title))
+    sweeps = {r.label: r.class_sweep for r in report.runs if r.class_sweep is not None}
+    if sweeps:
+        written += plots.write_class_figures(
+            sweeps, out, f"Per-class Hessian at the final checkpoints, {report.dataset}: "
+                         f"{', '.join(sweeps)}")
     table = report.to_markdown()
     for name, text in (("table.csv", report.to_csv()), ("table.md", table),
-                       ("report.md", _report_markdown(report, table, densities))):
+                       ("report.md", _report_markdown(report, table, densities, sweeps))):
         atomic_write_bytes(out / name, text.encode("utf-8"))
         written.append(out / name)
     atomic_write_json(out / "report.json", report.to_json())
@@ -52,7 +62,7 @@ def write_report(report: SaddleReport, out: PathLike) -> list[Path]:
     return written
 
 
-def _report_markdown(report: SaddleReport, table: str, densities) -> str:
+def _report_markdown(report: SaddleReport, table: str, densities, sweeps) -> str:
     s = report.settings
     groups = ", ".join(f"{g} = classes {report.groups.get(g)}" for g in s.groups)
     lines = [
@@ -68,6 +78,13 @@ def _report_markdown(report: SaddleReport, table: str, densities) -> str:
         lines += ["", "![head vs tail spectral densities](densities.png)", "",
                   f"SLQ: {s.probes} probes x {s.steps} Lanczos steps. Interactive: "
                   "[densities.html](densities.html)"]
+    if sweeps:
+        lines += ["", "## Per class", "", "Each class's own loss Hessian at the final checkpoint "
+                  "against its training images (circles: head, triangles: tail, dashed: eta). "
+                  "Interactive: [classes.html](classes.html)", "",
+                  "![per-class Hessian against the class's training count](classes.png)"]
+        for label, sweep in sweeps.items():
+            lines += ["", f"### {label} (epoch {sweep.epoch})", "", sweep.to_markdown().rstrip()]
     unconverged = [f"{r.label} epoch {i.epoch} {i.group}" for r in report.runs
                    for i in r.indicators if not i.converged]
     if unconverged:

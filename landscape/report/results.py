@@ -80,6 +80,8 @@ class RunSummary:
             ``acc_many``, ``acc_medium``, ``acc_few``, ``acc_head``, ``acc_tail``.
         indicators: one :class:`GroupIndicators` per checkpoint and group, oldest first.
         densities: group -> ``(grid, density)`` at the final checkpoint.
+        class_sweep: the per-class sweep of the final checkpoint
+            (:class:`landscape.classes.ClassSweep`), or ``None``.
     """
 
     label: str
@@ -90,6 +92,7 @@ class RunSummary:
     accuracy: Mapping[str, float]
     indicators: tuple[GroupIndicators, ...]
     densities: Mapping[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    class_sweep: Optional[Any] = None
 
     def series(self, group: str) -> dict[str, list]:
         """``{"epoch": [...], "lambda_max": [...], "lambda_min": [...], "ratio": [...]}``."""
@@ -180,5 +183,7 @@ class SaddleReport:
             "runs": [{"label": r.label, "run_dir": r.run_dir, "optimizer": r.optimizer,
                       "final_epoch": r.final_epoch, "switch_epoch": r.switch_epoch,
                       "accuracy": dict(r.accuracy),
-                      "indicators": [i.to_json() for i in r.indicators]} for r in self.runs],
+                      "indicators": [i.to_json() for i in r.indicators],
+                      **({"classes": r.class_sweep.to_json()} if r.class_sweep else {})}
+                     for r in self.runs],
         }

@@ -24,6 +24,8 @@ class ReportSettings:
         split: the groups' samples, ``train`` or ``test``.
         groups: the groups compared.
         densities: whether to estimate the final checkpoints' spectral densities.
+        classes: the per-class sweep (:func:`landscape.classes.class_sweep`) of the final
+            checkpoints: ``"all"`` or class ids ``"0,3,7"``; empty for none.
 
     Example:
         >>> ReportSettings(steps=40).tol
@@ -42,6 +44,7 @@ class ReportSettings:
     split: str = "train"
     groups: tuple[str, ...] = ("head", "tail")
     densities: bool = True
+    classes: str = ""
 
     def __post_init__(self) -> None:
         for name in ("every", "steps", "probes"):
@@ -56,6 +59,10 @@ class ReportSettings:
             raise AnalysisError(f"split must be train or test, got {self.split!r}")
         if not self.groups:
             raise AnalysisError("no groups to compare")
+        ids = str(self.classes).replace(",", " ").split()
+        if self.classes not in ("", "all") and not all(i.isdigit() for i in ids):
+            raise AnalysisError(f"classes must be all or class ids like 0,3,7, got "
+                                f"{self.classes!r}")
 
 
 DEFAULT_SETTINGS = ReportSettings()
