@@ -4,7 +4,16 @@ Writes into ``--out``: ``surface.npz`` (the data, rewritten as rows finish, so a
 same command resumes an interrupted one), and the figures: for a 2-D surface
 ``GROUP_loss_contour.png`` and ``GROUP_loss_3d.png`` per group, for a 1-D one
 ``loss_line.png`` and ``accuracy_line.png``, and ``surface_loss.html`` /
-``surface_accuracy.html`` (interactive plotly, opens offline).
+``surface_accuracy.html`` (interactive plotly, opens offline). The contours' bands:
+``--levels``, ``--vmin``/``--vmax`` (in loss units) and ``--scale log|linear``.
+
+Directions can be reused: ``--save_directions PATH`` writes them to a directions file, and
+``--directions file:PATH`` reads one back, or the directions of a ``surface.npz`` (the format is
+in landscape/surface_files.py). ``--trajectory`` places the run's checkpoints on the plane of any
+directions (least squares; PCA directions always have it) and draws the path on the contours;
+the coordinates are stored in ``surface.npz``'s metadata (``request.trajectory``). ``--vtk PATH``
+also writes the surface as a legacy VTK structured grid for ParaView (z = the loss of ``all``,
+every group's loss and accuracy as point data).
 
 Examples::
 
@@ -12,10 +21,14 @@ Examples::
     python -m landscape surface RUN/epoch_0060.pt --directions eigen --eigen_group tail
     python -m landscape surface RUN --directions pca            # with the trajectory drawn
     python -m landscape surface RUN/epoch_0000.pt --directions interp --to RUN/epoch_0060.pt
+    python -m landscape surface RUN --save_directions dirs.npz --trajectory --vtk surf.vtk
+    python -m landscape surface RUN/epoch_0030.pt --directions file:dirs.npz --levels 20 \\
+        --vmin 0.01 --vmax 10 --loss LDAM
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -23,8 +36,18 @@ import numpy as np
 import torch
 
 from landscape.errors import AnalysisError
+from train.options import LOSSES
 
 DIRECTIONS = ("random", "eigen", "pca", "interp")
+SCALES = ("log", "linear")
+
+
+def _directions_arg(text: str) -> str:
+    """``--directions``: one of :data:`DIRECTIONS`, or ``file:PATH``."""
+    if text in DIRECTIONS or (text.startswith("file:") and len(text) > len("file:")):
+        return text
+    raise argparse.ArgumentTypeError(f"choose from {', '.join(DIRECTIONS)} or file:PATH, "
+                                     f"got {text!r}")
 
 
 def add_parser(subparsers) -> None:
@@ -32,10 +55,16 @@ def add_parser(subparsers) -> None:
         "surface", help="1-D / 2-D loss and accuracy surfaces along chosen directions",
         description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="epoch_NNNN.pt, or a run folder (its newest checkpoint)")
-    p.add_argument("--directions", choices=DIRECTIONS, default="random",
+    p.add_argument("--directions", type=_directions_arg, default="random",
+                   metavar="{random,eigen,pca,interp,file:PATH}",
                    help="random (filter-normalised), eigen (top and bottom Hessian "
-                        "eigenvectors), pca (of the run's checkpoints), interp (line to --to) "
-                        "[random]")
+                        "eigenvectors), pca (of the run's checkpoints), interp (line to --to), "
+                        "file:PATH (saved by --save_directions, or a surface.npz's) [random]")
+    p.add_argument("--save_directions", metavar="PATH",
+                   help="also write the directions to PATH (.npz) for --directions file:PATH")
+    p.add_argument("--trajectory", action="store_true",
+                   help="project the run's checkpoints onto the directions and draw the path "
+                        "[pca: always]")
     p.add_argument("--dim", type=int, choices=(1, 2),
                    help="1-D line or 2-D plane [2; 1 for interp]")
     p.add_argument("--groups", default="head,tail",
@@ -58,6 +87,15 @@ def add_parser(subparsers) -> None:
     p.add_argument("--to", metavar="CKPT", help="end checkpoint of --directions interp")
     p.add_argument("--split", choices=("train", "test"), default="train",
                    help="evaluation samples [train]")
+    p.add_argument("--loss", choices=LOSSES, help="per-sample loss [the run's own]")
+    p.add_argument("--levels", type=int, default=30, help="filled contour bands [30]")
+    p.add_argument("--vmin", type=float, help="lowest contour value, in loss units "
+                                              "[the surface's]")
+    p.add_argument("--vmax", type=float, help="highest contour value [the surface's]")
+    p.add_argument("--scale", choices=SCALES, default="log",
+                   help="of the loss contours [log]")
+    p.add_argument("--vtk", metavar="PATH", help="also write the 2-D surface as a legacy VTK "
+                                                 "structured grid (ParaView)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--method", choices=("loop", "vmap"), default="loop",
                    help="evaluation of grid points (see landscape/surface.py) [loop]")
@@ -93,12 +131,42 @@ def _check_args(args) -> None:
         raise AnalysisError(f"--save_every must be >= 1, got {args.save_every}")
     if args.max_steps is not None and args.max_steps < 1:
         raise AnalysisError(f"--max_steps must be >= 1, got {args.max_steps}")
+    _check_figure_args(args)
+    _check_files(args)
+
+
+def _check_figure_args(args) -> None:
+    if args.levels < 2:
+        raise AnalysisError(f"--levels must be at least 2, got {args.levels}")
+    for name in ("vmin", "vmax"):
+        value = getattr(args, name)
+        if value is not None and not np.isfinite(value):
+            raise AnalysisError(f"--{name} must be finite, got {value}")
+        if value is not None and value <= 0 and args.scale == "log":
+            raise AnalysisError(f"--{name} {value:g} is not positive: a log scale needs "
+                                "--scale linear")
+    if args.vmin is not None and args.vmax is not None and not args.vmin < args.vmax:
+        raise AnalysisError(f"--vmin must be below --vmax, got {args.vmin:g} and {args.vmax:g}")
+
+
+def _check_files(args) -> None:
+    """The files named by the options: a direction file to read, outputs in existing folders."""
+    if args.directions.startswith("file:") and not Path(args.directions[5:]).is_file():
+        raise AnalysisError(f"--directions {args.directions}: no such file")
+    for name in ("save_directions", "vtk"):
+        value = getattr(args, name)
+        if value is not None and (Path(value).is_dir() or not Path(value).parent.is_dir()):
+            raise AnalysisError(f"--{name} {value}: not a file in an existing folder")
+    if args.vtk is not None and (args.dim == 1 or args.directions == "interp"):
+        raise AnalysisError("--vtk writes a 2-D surface; drop --dim 1")
+    if args.trajectory and (args.dim == 1 or args.directions == "interp"):
+        raise AnalysisError("--trajectory is drawn on a 2-D surface; drop --dim 1")
 
 
 def _request(args) -> dict:
     """The command's settings that define the directions (resuming reuses stored ones)."""
     keys = ("directions", "dim", "seed", "normalization", "one_d", "eigen_group", "max_steps",
-            "tol", "to", "split")
+            "tol", "to", "split", "loss")
     return {k: getattr(args, k) for k in keys}
 
 
@@ -111,6 +179,9 @@ def _directions(args, run, groups, stored):
     if stored is not None:  # resuming: the stored vectors, not a recomputation
         found = stored.direction_objects()
         trajectory = stored.meta.get("request", {}).get("trajectory")
+    elif args.directions.startswith("file:"):
+        found = _file_directions(args.directions[5:], run, args.dim)
+        dim = len(found)
     elif args.directions == "random":
         found = dirs.random_directions(run.model, dim, args.seed, args.normalization, args.one_d)
     elif args.directions == "eigen":
@@ -125,12 +196,18 @@ def _directions(args, run, groups, stored):
         from landscape.load import load
 
         found = (dirs.interpolation_direction(run, load(args.to, device=run.device)),)
+    if args.trajectory and trajectory is None:
+        from landscape.surface_files import project_trajectory
+
+        trajectory = project_trajectory(run, found).to_json()
     if args.range is not None:
         low, high = args.range
     elif args.directions == "interp":
         low, high = -0.5, 1.5
     elif trajectory is not None:  # cover the projected trajectory with a margin
         reach = 1.2 * float(np.abs(np.asarray(trajectory["coordinates"])).max())
+        if args.directions != "pca":  # the usual [-1, 1], widened when the path leaves it
+            reach = max(1.0, reach)
         low, high = -reach, reach
     else:
         low, high = -1.0, 1.0
@@ -141,8 +218,20 @@ def _directions(args, run, groups, stored):
     return found, alphas, betas, trajectory
 
 
+def _file_directions(path: str, run, dim):
+    """The directions of a file; ``--dim 1`` takes the first of two."""
+    from landscape.surface_files import load_directions
+
+    found = load_directions(path, run)
+    if len(found) not in (1, 2) or (dim or len(found)) > len(found):
+        raise AnalysisError(f"{path}: holds {len(found)} direction(s), a {dim or len(found)}-D "
+                            "surface needs 1 or 2 of them")
+    return found[:dim or len(found)]
+
+
 def _default_out(run, args) -> Path:
-    return run.run_dir / "surface" / f"epoch_{run.epoch:04d}_{args.directions}_s{args.seed}"
+    kind = "file" if args.directions.startswith("file:") else args.directions
+    return run.run_dir / "surface" / f"epoch_{run.epoch:04d}_{kind}_s{args.seed}"
 
 
 def run(args) -> int:
@@ -177,6 +266,10 @@ def run(args) -> int:
         out.mkdir(parents=True, exist_ok=True)
         if args.overwrite and path.exists():
             path.unlink()
+        if args.save_directions:  # before the grid: a long computation's directions are kept
+            from landscape.surface_files import save_directions
+
+            save_directions(args.save_directions, found, run_)
     _distributed.barrier()  # no rank reads the old file after rank 0 removed it
     bar = None
     if not args.no_progress:
@@ -188,22 +281,29 @@ def run(args) -> int:
             bar.update(int(stored.done.sum()))
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
     surface = compute_surface(run_, found, alphas, betas, groups=groups, split=args.split,
-                              dtype=dtype, method=args.method, batch_size=args.batch_size,
+                              loss=args.loss, dtype=dtype, method=args.method,
+                              batch_size=args.batch_size,
                               path=path, save_every=args.save_every,
                               progress=bar.update if bar else None, request=request)
     if bar is not None:
         bar.close()
     if not _distributed.is_writer():
         return 0
-    written = write_figures(surface, out)
+    style = {"levels": args.levels, "vmin": args.vmin, "vmax": args.vmax, "scale": args.scale}
+    written = write_figures(surface, out, style)
+    if args.vtk:
+        from landscape.surface_files import write_vtk
+
+        written.append(write_vtk(surface, args.vtk))
     loss, acc = surface.centre("all")
     print(f"{path}: {surface.ndim}-D surface, {surface.done.size} points; at the centre loss "
           f"{loss:.4g}, accuracy {acc:.1f}%; {len(written)} figures in {out}")
     return 0
 
 
-def write_figures(surface, out: Path) -> list[Path]:
-    """The PNG and HTML figures of a finished surface into ``out``."""
+def write_figures(surface, out: Path, style=None) -> list[Path]:
+    """The PNG and HTML figures of a finished surface into ``out``; ``style``: the contours'
+    ``levels``, ``vmin``, ``vmax`` and ``scale`` (landscape.plots.plot_surface_contour_png)."""
     from landscape import plots
 
     written = []
@@ -217,7 +317,8 @@ def write_figures(surface, out: Path) -> list[Path]:
         labels = trajectory["epochs"] if trajectory else None
         for group in surface.groups:
             written.append(plots.plot_surface_contour_png(
-                surface, out / f"{group}_loss_contour.png", group, "loss", coords, labels))
+                surface, out / f"{group}_loss_contour.png", group, "loss", coords, labels,
+                **(style or {})))
             written.append(plots.plot_surface_3d_png(surface, out / f"{group}_loss_3d.png",
                                                      group, "loss"))
     for quantity in ("loss", "accuracy"):
