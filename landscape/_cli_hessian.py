@@ -4,8 +4,10 @@
 smallest Hessian eigenvalues of group G's mean loss (Lanczos, each with its residual), the saddle
 ratio lambda_min / lambda_max and, with --trace, a Hutch++ trace with its standard error. The
 JSON (also printed when --json is not given) holds group, classes, n_samples, loss, top, bottom,
-residuals, converged, trace, trace_stderr, ratio (null when lambda_max <= 0 or an end is not
-asked for), hvps, seconds and the settings used (landscape.hessian.HessianSummary.to_json).
+residuals (the true ||H x - theta x|| of each eigenvector), converged, reason (why not, when
+not), trace, trace_stderr, ratio (null when lambda_max <= 0 or an end is not asked for), hvps,
+seconds and the settings used (landscape.hessian.HessianSummary.to_json). Repeated eigenvalues
+are reported with their multiplicities (block Lanczos, a block of max(top, bottom) vectors).
 
 ``spectrum CKPT --groups head,tail --probes P --steps S --out DIR``: stochastic Lanczos
 quadrature densities of each group, written to DIR as spectrum.npz (nodes_G, weights_G, grid_G,
@@ -113,7 +115,8 @@ def run_hessian(args) -> int:
         if getattr(args, name) > n_params:
             raise AnalysisError(f"--{name} {getattr(args, name)} is larger than the parameter "
                                 f"count {n_params}")
-    total = args.max_steps + (args.trace_hvps if args.trace else 0)
+    # Lanczos, one product per reported eigenvector (its true residual), the trace.
+    total = args.max_steps + args.top + args.bottom + (args.trace_hvps if args.trace else 0)
     bar = _progress_bar(args, total, f"hessian {args.group}")
     try:
         summary = hessian_summary(
@@ -140,6 +143,8 @@ def run_hessian(args) -> int:
               f", lambda_min {summary.bottom[0] if summary.bottom else math.nan:.6g}, "
               f"ratio {ratio}, converged {summary.converged}, {how.hvps} HVPs, "
               f"{how.seconds:.1f} s -> {args.json}")
+    if not summary.converged:
+        print(f"warning: not converged: {summary.eigen.reason}", file=sys.stderr)
     return 0
 
 

@@ -131,7 +131,8 @@ class HessianSummary:
           ``checkpoint``, ``epoch``, ``n_params``, ``dtype``, ``seed``, ``tol``, ``hvps``,
           ``seconds``;
         * eigenpairs: ``top``, ``bottom``, ``residuals`` (``{"top": [...], "bottom": [...]}``),
-          ``converged``, ``residual_tol`` (the absolute threshold), ``lanczos_steps``, and
+          ``converged``, ``reason`` (why not converged; ``null`` when converged),
+          ``residual_tol`` (the absolute threshold), ``lanczos_steps``, and
           ``ratio`` (``null`` where :func:`~landscape.eigen.saddle_ratio` is undefined);
         * trace: ``trace``, ``trace_stderr``, ``trace_method``, ``trace_hvps`` (``null``, 0
           without one);
@@ -143,6 +144,7 @@ class HessianSummary:
             "top": list(self.top), "bottom": list(self.bottom), "residuals": self.residuals,
             "converged": self.converged, "ratio": None if math.isnan(self.ratio) else self.ratio,
             "residual_tol": 0.0 if eig is None else float(eig.tolerance),
+            "reason": None if eig is None or not eig.reason else eig.reason,
             "lanczos_steps": 0 if eig is None else int(eig.steps),
             "trace": None if trace is None else float(trace.value),
             "trace_stderr": None if trace is None else float(trace.stderr),

@@ -12,8 +12,10 @@ If ``T_m = S \\Theta S^T``, the Ritz pairs ``(\\theta_j, x_j = Q_m s_j)`` have r
 
 which need no further products with ``H``. The extreme Ritz values converge first, from inside:
 the largest towards ``lambda_max``, the smallest (most negative) towards ``lambda_min`` (power
-iteration only finds the eigenvalue of largest magnitude). :mod:`landscape.eigen` turns this into
-the extreme eigenpairs, :mod:`landscape.slq` into spectral densities.
+iteration only finds the eigenvalue of largest magnitude). :mod:`landscape.slq` turns this into
+spectral densities; the extreme eigenpairs (:mod:`landscape.eigen`) use the block version in
+:mod:`landscape._block_lanczos`, since one vector's Krylov space holds one copy of each
+eigenvalue.
 
 Choices, and why:
 

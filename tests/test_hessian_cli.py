@@ -60,7 +60,9 @@ def test_hessian_command_writes_the_json_and_agrees_with_the_dense_hessian(
     assert data["converged"] is True
     assert max(data["residuals"]["top"] + data["residuals"]["bottom"]) <= data["residual_tol"]
     assert abs(data["trace"] - float(torch.trace(tail_hessian))) < 4 * data["trace_stderr"]
-    assert data["hvps"] == data["lanczos_steps"] + data["trace_hvps"]
+    # Lanczos, one product per reported eigenvector (its true residual), the trace.
+    assert data["hvps"] == data["lanczos_steps"] + 3 + 2 + data["trace_hvps"]
+    assert data["reason"] is None
     assert (data["group"], data["classes"], data["loss"]) == ("tail", [4, 5, 6, 7, 8, 9], "CE")
     assert data["n_samples"] == 94
     assert "lambda_max" in capsys.readouterr().out
@@ -73,6 +75,28 @@ def test_hessian_command_writes_the_json_and_agrees_with_the_dense_hessian(
     third = json.loads(again.read_text())
     assert {k: v for k, v in third.items() if k != "seconds"} == \
         {k: v for k, v in data.items() if k != "seconds"}
+
+
+def test_repeated_zero_eigenvalues_of_dead_units_from_the_command_line(tmp_path_factory, tmp_path,
+                                                                      capsys):
+    # D8: a width-1 MLP, 78 of its 87 Hessian eigenvalues exactly 0; single-vector Lanczos
+    # reported [7e-18, 0.0488, 0.058], converged.
+    from _reference import cached_run
+
+    path = cached_run(tmp_path_factory, "mlp-width1", model="mlp", width=1, epochs=4)
+    exact = dense_eigh(dense_group_hessian(landscape.load(path, device="cpu"), "all"))
+    out = tmp_path / "bottom.json"
+    assert main(["hessian", path, "--bottom", "3", "--json", str(out), "--no_progress",
+                 "--device", "cpu"]) == 0
+    data = json.loads(out.read_text())
+    np.testing.assert_allclose(data["bottom"], exact[:3], rtol=0, atol=1e-9 * exact[-1])
+    assert data["converged"] is True and data["reason"] is None
+    # Too few steps: not converged, and why, in the JSON and on stderr.
+    assert main(["hessian", path, "--bottom", "3", "--max_steps", "3", "--json", str(out),
+                 "--no_progress", "--device", "cpu"]) == 0
+    data = json.loads(out.read_text())
+    assert data["converged"] is False and data["reason"].startswith("max_steps reached")
+    assert "not converged: max_steps reached" in capsys.readouterr().err
 
 
 @pytest.mark.slow

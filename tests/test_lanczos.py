@@ -31,7 +31,9 @@ def test_extremes_of_a_known_spectrum_with_residuals_and_unit_vectors():
     H = symmetric(spectrum)
     exact = np.sort(spectrum)
     r = extreme_eigenpairs(H, top=4, bottom=3, tol=1e-10, seed=0)
-    assert r.converged and r.steps < 150
+    # Converged before the basis is complete (a block of 4 vectors: 152 of 153 measured).
+    assert r.converged and r.reason == "" and r.steps < len(spectrum) and r.block_size == 4
+    assert r.hvps == r.steps + 7  # one product per reported vector, for its true residual
     np.testing.assert_allclose(r.top, exact[::-1][:4], rtol=1e-10)
     np.testing.assert_allclose(r.bottom, exact[:3], rtol=1e-10)
     assert r.ratio == pytest.approx(-4.0 / 9.0, rel=1e-12)
@@ -45,8 +47,7 @@ def test_extremes_of_a_known_spectrum_with_residuals_and_unit_vectors():
 
 
 def test_repeated_eigenvalues_are_found_through_restarts():
-    # Single-vector Lanczos sees each distinct eigenvalue once; the breakdown restart finds the
-    # second copy.
+    # Few distinct eigenvalues: the block's space is exhausted early and restarts.
     H = symmetric([5, 5, 3, 1, 0, -2, -2], seed=1)
     r = extreme_eigenpairs(H, top=2, bottom=2, tol=1e-12, seed=0)
     np.testing.assert_allclose(r.top, [5, 5], atol=1e-10)
@@ -58,14 +59,17 @@ def test_all_eigenvalues_with_as_many_steps_as_parameters():
     spectrum = np.random.default_rng(2).standard_normal(30)
     r = extreme_eigenpairs(symmetric(spectrum, seed=2), top=30, bottom=0, max_steps=30)
     np.testing.assert_allclose(r.top, np.sort(spectrum)[::-1], atol=1e-12)
-    assert r.steps == 30 and r.hvps == 30 and r.converged
+    assert r.steps == 30 and r.hvps == 30 + 30 and r.converged
+    # The basis is complete, so Lanczos's estimate of every residual is exactly 0; the reported
+    # residuals are computed (float64 rounding: positive, and tiny).
+    assert (r.top_residuals > 0).all() and r.top_residuals.max() < 1e-12
 
 
 def test_not_converged_is_reported():
     H = symmetric(np.r_[np.linspace(0, 1, 200), [1.01]], seed=3)
     r = extreme_eigenpairs(H, top=2, bottom=1, tol=1e-12, max_steps=6, seed=0)
-    assert r.steps == 6 and r.hvps == 6
-    assert not r.converged
+    assert r.steps == 6 and r.hvps == 6 + 3
+    assert not r.converged and r.reason.startswith("max_steps reached")
     assert (r.top_residuals > r.tolerance).any()
 
 
@@ -120,4 +124,62 @@ def test_group_hessian_extremes_match_the_dense_hessian(case, cases):
     norm = abs(exact).max()
     assert _true_residuals(H, r.top, r.top_vectors).max() < 1e-8 * norm
     assert _true_residuals(H, r.bottom, r.bottom_vectors).max() < 1e-8 * norm
-    assert r.hvps == op.hvps == r.steps
+    assert r.hvps == op.hvps == r.steps + 8
+
+
+def _check_pairs(H: torch.Tensor, r) -> None:
+    """Reported residuals are the true ones and the vectors are orthonormal."""
+    norm = float(torch.linalg.matrix_norm(H, 2))
+    for values, vectors, reported in ((r.top, r.top_vectors, r.top_residuals),
+                                      (r.bottom, r.bottom_vectors, r.bottom_residuals)):
+        np.testing.assert_allclose(_true_residuals(H, values, vectors), reported,
+                                   atol=1e-13 * norm, rtol=0)
+        gram = vectors @ vectors.T
+        assert torch.allclose(gram, torch.eye(len(values), dtype=gram.dtype), atol=1e-10)
+
+
+def test_a_repeated_top_eigenvalue_comes_with_every_copy():
+    # Distinct eigenvalues close below, so no space is exhausted: single-vector Lanczos
+    # (before the block) reported [5, 5, 4.5], converged, at the default tolerance.
+    spectrum = np.r_[[5.0, 5.0, 5.0], np.linspace(0, 4.5, 100)]
+    H = symmetric(spectrum, seed=6)
+    r = extreme_eigenpairs(H, top=3, bottom=2, seed=0)
+    np.testing.assert_allclose(r.top, [5, 5, 5], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(r.bottom, [0, 4.5 / 99], rtol=0, atol=1e-5)
+    assert r.converged and r.steps < len(spectrum)
+    _check_pairs(H, r)
+
+
+@pytest.fixture(scope="module")
+def dead_units(tmp_path_factory):
+    """The hostile user's case D8: a width-1 MLP (87 parameters) whose Hessian has 78 exact
+    zeros (weights of units no sample activates, and the biases behind them)."""
+    from _reference import cached_run
+
+    run = landscape.load(cached_run(tmp_path_factory, "mlp-width1", model="mlp", width=1,
+                                    epochs=4), device="cpu")
+    return run, dense_group_hessian(run, "all")
+
+
+def test_zero_eigenvalues_of_dead_relu_units_come_with_their_multiplicity(dead_units):
+    run, H = dead_units
+    exact = dense_eigh(H)
+    norm = abs(exact).max()
+    assert H.shape == (87, 87) and (abs(exact) < 1e-12 * norm).sum() >= 3  # the case holds
+    op = GroupHessian.from_run(run, "all")
+    r = extreme_eigenpairs(op, top=1, bottom=3, seed=0)
+    np.testing.assert_allclose(r.bottom, exact[:3], rtol=0, atol=1e-9 * norm)  # [0, 0, 0]
+    np.testing.assert_allclose(r.top, exact[-1:], rtol=1e-9)
+    assert r.converged and r.reason == ""
+    _check_pairs(H, r)
+    assert r.hvps == op.hvps == r.steps + 4
+
+
+def test_a_start_vector_in_an_invariant_subspace_is_not_trusted():
+    # The given start is an eigenvector: its Krylov space is exhausted at once and holds
+    # neither end; a random restart finds both.
+    H = torch.diag(torch.tensor([-3.0, 0.0, 1.0, 2.0, 7.0], dtype=torch.float64))
+    start = torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0], dtype=torch.float64)
+    r = extreme_eigenpairs(H, top=1, bottom=1, tol=1e-12, start=start, seed=0)
+    np.testing.assert_allclose([r.lambda_max, r.lambda_min], [7.0, -3.0], atol=1e-12)
+    assert r.converged
