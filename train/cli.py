@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
            default="2 for imbsam (the ImbSAM authors' code), else 1; 1 under --protocol seed")
     option(opt, "bn_update", "BatchNorm running stats from the forward at w only, or from every "
            "forward the seed code runs", default="w; all under --protocol seed")
+    option(opt, "perturbation", "under torchrun: e_G from the all-reduced group gradient (one "
+           "SAM step over the global batch) or from each rank's own shard (the SAM paper's "
+           "per-accelerator practice; one all-reduce a step)")
     option(opt, "epochs", type=int, default=_per(SPECS, lambda spec: spec.default_epochs)
            + "; 200 for folder")
     option(opt, "batch_size", type=int)

@@ -45,12 +45,12 @@ from train.data import SPECS, LongTailData, accuracy_splits, class_counts, load_
 from train.models import DEFAULT_WIDTH
 from train.optim import preset
 from train.options import (BN_UPDATES, CHOICES, DATASETS, GROUP_REDUCTIONS, LOSSES,  # noqa: F401
-                           MODELS, OPTIMIZER_LABELS, OPTIMIZERS, PROTOCOLS, SELECTIONS,
-                           check_choice)
+                           MODELS, OPTIMIZER_LABELS, OPTIMIZERS, PERTURBATIONS, PROTOCOLS,
+                           SELECTIONS, check_choice)
 
 __all__ = ["Config", "ConfigError", "IDENTITY_EXCLUDED", "identity_changes", "CHOICES",
            "DATASETS", "SELECTIONS", "MODELS", "LOSSES", "OPTIMIZERS", "OPTIMIZER_LABELS",
-           "GROUP_REDUCTIONS", "BN_UPDATES", "PROTOCOLS"]
+           "GROUP_REDUCTIONS", "BN_UPDATES", "PROTOCOLS", "PERTURBATIONS"]
 
 # Fields that may differ between an interrupted run and its resumption.
 IDENTITY_EXCLUDED = ("device", "data_dir", "progress", "compile", "channels_last", "bf16")
@@ -95,6 +95,7 @@ class Config:
     group_reduction: Optional[str] = None
     tail_scale: Optional[float] = None
     bn_update: Optional[str] = None
+    perturbation: str = "global"
     epochs: Optional[int] = None
     batch_size: int = 64
     lr: Optional[float] = None

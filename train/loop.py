@@ -119,7 +119,7 @@ class Trainer:
         forward = torch.compile(model) if config.compile else model
         step = GroupSAM(forward, base, bn_update=config.bn_update,
                         forward_per_group=config.opt == "ssesam",
-                        reduce_gradients=reduce_gradients)
+                        reduce_gradients=reduce_gradients, perturbation=config.perturbation)
         p = config.preset()
         group_of_class = torch.zeros(data.spec.num_classes, dtype=torch.long)
         group_scale = None

@@ -37,6 +37,36 @@ forwards at :math:`w`, which are replayed from the first one's batch statistics
 (:class:`train.protocol.BatchStatistics`) instead of being run: 1 replay a step in stage I, 2
 in stage II, and no extra pass.
 
+Data parallelism (``torchrun``, :mod:`train.distributed`), ``perturbation``: each rank holds a
+shard of the global batch of size :math:`B`, weighs its samples by the global weights (``1/B``),
+and the step's collectives are made by the ``reduce_gradients`` hook (one all-reduce sum).
+
+* ``"global"`` (the default): :math:`e_G` is built from the all-reduced group gradient, so the
+  step is one SAM step over the global batch: the one-process step, to float rounding (the
+  papers' single-GPU maths; not what the SAM paper's own multi-accelerator code did).
+  All-reduces per step: one per group with :math:`\rho_G \ne 0` (its gradient at :math:`w`)
+  plus one for the summed final gradient.
+* ``"local"``: rank :math:`r` perturbs with its own shard's gradient,
+  :math:`e_G^r = \rho_G \nabla L_G^r(w) / (\lVert \nabla L_G^r(w) \rVert + \epsilon)`, and
+  only :math:`g = \sum_r \sum_G \nabla L_G^r(w + e_G^r)` is all-reduced: one all-reduce per
+  step whatever the optimizer, one fewer per perturbed group. This is the SAM paper's
+  implementation (Foret et al. 2021, p. 5: each accelerator computes the SAM gradient of its
+  sub-batch independently and the results are averaged; the m-sharpness of its section 4.1,
+  with ``m`` the per-rank batch) and what davda54/sam advises under DDP (the first pass in
+  ``model.no_sync()``: its issues 18, 38 and 78). With one process both modes are one step.
+
+=========  ===========================  =====================
+preset     all-reduces, ``global``      ``local``
+=========  ===========================  =====================
+sgd        1                            1
+sam        2                            1
+imbsam     2                            1
+ssesam     3 (stage I), 2 (stage II)    1
+=========  ===========================  =====================
+
+(``group_reduction="group"`` adds one all-reduce of the group sizes in either mode:
+:func:`group_sample_weights`. Each all-reduce is one collective per parameter dtype.)
+
 The seed code's optimizer API, for code written against it, is :class:`train.seed_api.SSESAM`
 (also importable from here).
 """
@@ -51,11 +81,11 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from train.options import OPTIMIZERS, check_choice
+from train.options import OPTIMIZERS, PERTURBATIONS, check_choice
 from train.protocol import BatchStatistics
 
 __all__ = ["Preset", "preset", "switch_epoch", "GroupSAM", "group_sample_weights", "OptimError",
-           "OPTIMIZERS", "READS", "ignored_flags"]
+           "OPTIMIZERS", "PERTURBATIONS", "READS", "ignored_flags"]
 
 
 class OptimError(ValueError):
@@ -162,10 +192,13 @@ class GroupSAM:
         bn_update: ``"w"`` (running statistics only from the forward at ``w``) or ``"all"``.
         forward_per_group: with ``bn_update="all"``, also the running-statistics updates of the
             seed SSE-SAM's repeated forwards at ``w`` (see the module docstring).
-        reduce_gradients: called on each list of group gradients before they are used; under
-            data parallelism it all-reduces them in place, so that every perturbation uses the
-            global group gradient and its global norm (the trainer weighs each rank's samples
-            by the global batch size and sums over ranks: ``train.distributed``).
+        reduce_gradients: an in-place all-reduce sum of a list of tensors (under data
+            parallelism; the trainer weighs each rank's samples by the global batch size:
+            ``train.distributed``). It is called on the summed final gradient and, with
+            ``perturbation="global"``, on each perturbed group's gradient at ``w``, so that
+            its perturbation uses the global group gradient and its global norm.
+        perturbation: ``"global"`` or ``"local"`` (each rank's own :math:`e_G`; see the module
+            docstring).
         eps: the constant added to the gradient norm.
 
     Example:
@@ -185,21 +218,24 @@ class GroupSAM:
     def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer,
                  bn_update: str = "w", forward_per_group: bool = False,
                  reduce_gradients: Optional[Callable[[list[torch.Tensor]], None]] = None,
-                 eps: float = 1e-12):
+                 perturbation: str = "global", eps: float = 1e-12):
         check_choice("bn_update", bn_update, OptimError)
+        check_choice("perturbation", perturbation, OptimError)
         self.model = model
         self.base_optimizer = base_optimizer
         self.bn_update = bn_update
         self.replays = bn_update == "all" and forward_per_group
         self.reduce_gradients = reduce_gradients
+        self.perturbation = perturbation
         self.eps = eps
         self.params = [p for p in model.parameters() if p.requires_grad]
 
-    def _grad(self, loss: torch.Tensor, retain_graph: bool) -> list[torch.Tensor]:
-        grads = torch.autograd.grad(loss, self.params, retain_graph=retain_graph,
-                                    allow_unused=True, materialize_grads=True)
-        grads = list(grads)
-        if self.reduce_gradients is not None:
+    def _grad(self, loss: torch.Tensor, retain_graph: bool, reduce: bool = False
+              ) -> list[torch.Tensor]:
+        """This rank's gradient of ``loss``; summed over the ranks when ``reduce``."""
+        grads = list(torch.autograd.grad(loss, self.params, retain_graph=retain_graph,
+                                         allow_unused=True, materialize_grads=True))
+        if reduce and self.reduce_gradients is not None:
             self.reduce_gradients(grads)
         return grads
 
@@ -235,9 +271,10 @@ class GroupSAM:
                 stats.replay(2 * len(rhos) - 1)
         else:
             # Every grad L_G(w) before w moves: the graph at w is unusable once w changed.
-            last = len(group_losses) - 1
-            grads_at_w = [self._grad(loss, retain_graph=G < last)
-                          for G, loss in enumerate(group_losses)]
+            # "global" sums a perturbed group's gradient over the ranks before it makes e_G.
+            last, share = len(group_losses) - 1, self.perturbation == "global"
+            grads_at_w = [self._grad(loss, retain_graph=G < last, reduce=share and rho != 0)
+                          for G, (loss, rho) in enumerate(zip(group_losses, rhos))]
             g = [torch.zeros_like(p) for p in self.params]
             for G, (grad, rho, weights) in enumerate(zip(grads_at_w, rhos, sample_weights)):
                 if self.replays:  # the seed's forward at w for group G > 0, and at w + 0
@@ -246,6 +283,8 @@ class GroupSAM:
                     grad = self._grad_at(self._perturbation(grad, rho), inputs, targets,
                                          loss_fn, weights)
                 torch._foreach_add_(g, grad)
+        if self.reduce_gradients is not None:  # this rank's part of g: summed once
+            self.reduce_gradients(g)
         for p, g_p in zip(self.params, g):
             p.grad = g_p
         self.base_optimizer.step()

@@ -23,7 +23,8 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = ["DATASETS", "SELECTIONS", "MODELS", "LOSSES", "OPTIMIZERS", "OPTIMIZER_LABELS",
-           "GROUP_REDUCTIONS", "BN_UPDATES", "PROTOCOLS", "CHOICES", "check_choice"]
+           "GROUP_REDUCTIONS", "BN_UPDATES", "PROTOCOLS", "PERTURBATIONS", "CHOICES",
+           "check_choice"]
 
 DATASETS = ("digits", "cifar10", "cifar100", "folder")
 SELECTIONS = ("first", "shuffled")  # which images of a class are kept (train/data.py)
@@ -35,11 +36,13 @@ OPTIMIZER_LABELS = {"sgd": "SGD", "sam": "SAM", "imbsam": "ImbSAM", "ssesam": "S
 GROUP_REDUCTIONS = ("batch", "group")  # a group's loss divided by the batch or the group size
 BN_UPDATES = ("w", "all")  # BatchNorm running statistics from the forward at w, or every one
 PROTOCOLS = ("ours", "seed")  # the paper as written, or the SSE-SAM authors' code (protocol.py)
+# Under torchrun: e_G from the all-reduced gradient, or each rank's own (train/optim.py)
+PERTURBATIONS = ("global", "local")
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "dataset": DATASETS, "selection": SELECTIONS, "model": MODELS, "loss": LOSSES,
     "opt": OPTIMIZERS, "group_reduction": GROUP_REDUCTIONS, "bn_update": BN_UPDATES,
-    "protocol": PROTOCOLS,
+    "protocol": PROTOCOLS, "perturbation": PERTURBATIONS,
 }
 _NOUN = {"opt": "optimizer"}  # what the messages call a field, where it is not its name
 
