@@ -10,7 +10,9 @@ Subcommands (each lives in its own module, which provides ``add_parser(subparser
     report    the saddle report across runs and epochs
     demo      train the four optimizers on digits-LT, then write the report
 
-Bad input gets one line on stderr and exit status 2, and no partial output file.
+Bad input, and a file-system error (a read-only or full folder, an ``--out`` that is a file),
+get one line on stderr naming the path and exit status 2, and no partial output file; Ctrl-C
+gets one line and exit status 130.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ SUBCOMMANDS = {
     "demo": "landscape._cli_report",
 }
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,14 +78,34 @@ def _distributed_setup(args) -> None:
         args.no_progress = args.no_progress or not _distributed.is_writer()
 
 
+SEED_LIMIT = 2 ** 63  # torch generators take 64 bits; the restarts and probes use seed + 1
+
+
+def _check_seeds(args) -> None:
+    """``--seed`` (and the demo's ``--train_seed``) of every command: 0 <= seed < 2**63."""
+    for name in ("seed", "train_seed"):
+        value = getattr(args, name, None)
+        if value is not None and not 0 <= value < SEED_LIMIT:
+            raise UsageError(f"--{name} must be in 0 .. 2**63 - 1, got {value}")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from landscape.errors import USER_ERRORS
 
     try:
         args = build_parser().parse_args(argv)
+        _check_seeds(args)
         set_threads(args.threads)  # demo: its own default of 1 (landscape/_cli_report.py)
         _distributed_setup(args)
         return int(args.run(args) or 0)
     except (UsageError, *USER_ERRORS) as error:
         print(f"error: {one_line(str(error))}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        # Every output is written whole (train.io), so an interrupt leaves none half-written.
+        print("interrupted; no output was left half-written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except OSError as error:  # a read-only or full folder, an --out that is a file, ...
+        where = f"{error.filename}: " if error.filename is not None else ""
+        print(f"error: {where}{one_line(error.strerror or str(error))}", file=sys.stderr)
         return EXIT_USAGE

@@ -139,6 +139,15 @@ class Run:
         return normalize(x[keep], data.spec), y[keep]
 
 
+def _check_finite(model: nn.Module, path: Path) -> None:
+    """NaN or infinite weights (or BatchNorm statistics) make every analysis meaningless, and
+    the eigensolvers fail deep inside: refuse them here, naming the checkpoint."""
+    for name, tensor in (*model.named_parameters(), *model.named_buffers()):
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ckpt.CheckpointError(f"{path}: {name} holds NaN or infinite values "
+                                       "(a diverged run?); nothing to analyse")
+
+
 def load(path: Union[str, Path], device: Union[str, torch.device, None] = None,
          data_dir: Optional[str] = None, *, data: Optional[LongTailData] = None) -> Run:
     """Loads a checkpoint (or the newest checkpoint of a run folder) for analysis.
@@ -151,7 +160,8 @@ def load(path: Union[str, Path], device: Union[str, torch.device, None] = None,
             device), reused instead of being built again: the data do not depend on the epoch.
 
     Raises:
-        train.checkpoint.CheckpointError: unreadable, altered or mismatched files.
+        train.checkpoint.CheckpointError: unreadable, altered or mismatched files, or weights
+            that are not finite.
     """
     path = _resolve_path(Path(path))
     state = ckpt.load_checkpoint(path)
@@ -176,5 +186,6 @@ def load(path: Union[str, Path], device: Union[str, torch.device, None] = None,
         text = summarize(error, 200) or type(error).__name__
         raise ckpt.CheckpointError(f"{path}: weights do not fit the config's model "
                                    f"{config.model} ({text})") from None
+    _check_finite(model, path)
     model.to(device).eval()
     return Run(path, run_dir, int(state["epoch"]), config, model, device, data_dir, data)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
@@ -11,6 +12,7 @@ from landscape.report.cache import group_density, group_indicators
 from landscape.report.results import RunSummary, SaddleReport
 from landscape.report.settings import DEFAULT_SETTINGS, ReportSettings
 from train import checkpoint as ckpt
+from train.io import summarize
 from train.options import OPTIMIZER_LABELS
 
 __all__ = ["check_runs", "select_checkpoints", "build_report"]
@@ -24,7 +26,8 @@ def check_runs(run_dirs: Sequence[PathLike]) -> list[tuple[Path, dict]]:
     Raises:
         AnalysisError: no runs, a run given twice, a run without checkpoints, or runs of
             different datasets, imbalance or head / tail groups.
-        train.checkpoint.CheckpointError: a missing or unreadable ``config.json``.
+        train.checkpoint.CheckpointError: a missing, unreadable or edited ``config.json``, an
+            accuracy in ``metrics.jsonl`` that is not a number.
     """
     if not run_dirs:
         raise AnalysisError("no run folders given")
@@ -38,6 +41,7 @@ def check_runs(run_dirs: Sequence[PathLike]) -> list[tuple[Path, dict]]:
         config = ckpt.read_config(path)
         if not ckpt.list_checkpoints(path):
             raise AnalysisError(f"{path}: no epoch_NNNN.pt checkpoints in this run folder")
+        _check_accuracies(path)
         found.append((path, config))
     first_path, first = found[0]
 
@@ -53,6 +57,17 @@ def check_runs(run_dirs: Sequence[PathLike]) -> list[tuple[Path, dict]]:
                 raise AnalysisError(f"runs cannot be compared: {first_path} has {key} "
                                     f"{a[key]}, {path} has {b[key]}")
     return found
+
+
+def _check_accuracies(run_dir: Path) -> None:
+    """The report shows ``metrics.jsonl``'s accuracies: each must be a number."""
+    for row in ckpt.read_metrics(run_dir):
+        for key, value in row.items():
+            if key.startswith("acc") and (isinstance(value, bool)
+                                          or not isinstance(value, (int, float))):
+                raise ckpt.CheckpointError(
+                    f"{run_dir / ckpt.METRICS}: epoch {row.get('epoch')!r} has {key} "
+                    f"{summarize(json.dumps(value), 40)}, not a number (edited?)")
 
 
 def select_checkpoints(run_dir: PathLike, every: int = 1) -> list[tuple[int, Path]]:
