@@ -58,6 +58,18 @@ def plain_log_axis(axis) -> None:
     axis.set_minor_formatter(ticker.NullFormatter())
 
 
+def plotly_log_axis(values: Sequence[float]) -> dict:
+    """Plotly log-axis settings with the ticks of :func:`plain_log_axis` (1, 2, 5 x 10^k as
+    plain numbers) over the positive ``values``: the same ticks as the PNG."""
+    positive = [v for v in values if np.isfinite(v) and v > 0]
+    if not positive:
+        return {"type": "log"}
+    low, high = np.floor(np.log10(min(positive))), np.ceil(np.log10(max(positive)))
+    ticks = [m * 10.0 ** k for k in range(int(low), int(high) + 1) for m in (1, 2, 5)]
+    ticks = [t for t in ticks if min(positive) / 1.5 <= t <= max(positive) * 1.5]
+    return {"type": "log", "tickvals": ticks, "ticktext": [f"{t:g}" for t in ticks]}
+
+
 def range_after_first(first: Sequence[float], rest: Sequence[float],
                       pad: float = 0.08) -> Optional[tuple[float, float]]:
     """y limits that fit ``rest`` (the checkpoints after the first) and 0, or ``None`` when the

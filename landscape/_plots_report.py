@@ -9,8 +9,8 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 
 from landscape._figures import (GROUP_MARKERS, PLOTLY_TEMPLATE, RUN_COLORS, PathLike, color,
-                                off_scale_text, plain_log_axis, plt, range_after_first,
-                                save_html, save_png)
+                                off_scale_text, plain_log_axis, plotly_log_axis, plt,
+                                range_after_first, save_html, save_png)
 
 __all__ = ["plot_indicators_png", "plot_indicators_html", "plot_classes_png",
            "plot_classes_html", "class_density_panels"]
@@ -137,7 +137,8 @@ def plot_indicators_html(series, path: PathLike, switches: Optional[Mapping[str,
             fig.update_yaxes(title_text=label, row=row, col=col)
             if key == "lambda_max":
                 if _is_log(series, group):
-                    fig.update_yaxes(type="log", row=row, col=col)
+                    _, first, later = _values(series, group, key)
+                    fig.update_yaxes(**plotly_log_axis(first + later), row=row, col=col)
                 continue
             fig.add_hline(y=0, line_color="black", line_width=1, row=row, col=col)
             first_epoch, first, later = _values(series, group, key)
@@ -147,7 +148,7 @@ def plot_indicators_html(series, path: PathLike, switches: Optional[Mapping[str,
                 off = [v for v in first if not limits[0] <= v <= limits[1]]
                 fig.add_annotation(x=first_epoch, y=limits[0], text=off_scale_text(
                     first_epoch, off), showarrow=False, xanchor="left", yanchor="bottom",
-                    font={"size": 10}, row=row, col=col)
+                    font={"size": 10}, bgcolor="rgba(255,255,255,0.85)", row=row, col=col)
         fig.update_xaxes(title_text="epoch", row=len(_INDICATORS), col=col)
     if switches:
         names = ", ".join(f"{r} stage II from epoch {e}" for r, e in switches.items())
@@ -256,11 +257,12 @@ def plot_classes_html(sweeps: Mapping[str, object], path: PathLike, title: str =
         fig.add_vline(x=_eta(sweeps), line_dash="dash", line_color="gray", row=row, col=col)
         values = [getattr(r, key) for s in sweeps.values() for r in s.classes]
         if key in ("lambda_max", "trace") and values and min(values) > 0:
-            fig.update_yaxes(type="log", row=row, col=col)
+            fig.update_yaxes(**plotly_log_axis(values), row=row, col=col)
         else:
             fig.add_hline(y=0, line_color="black", line_width=1, row=row, col=col)
         fig.update_yaxes(title_text=label, row=row, col=col)
-        fig.update_xaxes(type="log", row=row, col=col)
+        counts = [r.train_count for s in sweeps.values() for r in s.classes]
+        fig.update_xaxes(**plotly_log_axis(counts), row=row, col=col)
         if row == 2:
             fig.update_xaxes(title_text=_COUNT_LABEL, row=row, col=col)
     fig.add_annotation(text=f"dashed: eta = {_eta(sweeps):g} (tail: fewer images)",

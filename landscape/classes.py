@@ -150,7 +150,7 @@ class ClassSweep:
                  "|---|---|---|---|---|---|---|---|"]
         for r in self.classes:
             ratio = "–" if math.isnan(r.ratio) else f"{r.ratio:.3f}"
-            error = "" if math.isnan(r.trace_stderr) else f" ± {r.trace_stderr:#.2g}"
+            error = "" if math.isnan(r.trace_stderr) else f" ± {r.trace_stderr:.2g}"
             lines.append(f"| {r.class_id} | {r.group} | {r.train_count} | {r.n_samples} | "
                          f"{r.lambda_max:.3g} | {r.lambda_min:.3g} | {ratio} | "
                          f"{r.trace:.3g}{error} |")

@@ -154,7 +154,8 @@ def test_report_renders_nan_ratios_and_html_matches(tmp_path, tiny_mlp_path, mon
     out = tmp_path / "report"
     names = {p.name for p in write_report(report, out)}
     assert {"indicators.png", "classes.png", "classes.html", "densities.html"} <= names
-    assert "–" in (out / "table.md").read_text() and "## Per class" in (out / "report.md").read_text()
+    assert "–" in (out / "table.md").read_text()
+    assert "## Per class" in (out / "report.md").read_text()
     figure = _plotly_figure((out / "indicators.html").read_text())
     assert figure["layout"]["yaxis"]["title"]["text"] == "λ<sub>max</sub>"
     assert figure["layout"]["xaxis5"]["title"]["text"] == "epoch"

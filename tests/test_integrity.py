@@ -66,6 +66,9 @@ def _landscape_commands(path: Path, tmp: Path) -> list[list[str]]:
                       "--no_progress"])
     if "spectrum" in commands:
         argvs.append(["spectrum", str(path), "--out", str(tmp / "out")])
+    if "classes" in commands:
+        argvs.append(["classes", str(path), "--classes", "0", "--steps", "5", "--trace_hvps", "3",
+                      "--out", str(tmp / "out"), "--no_progress"])
     return argvs
 
 
