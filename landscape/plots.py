@@ -263,6 +263,11 @@ def render_density_panels_png(panels: Mapping[str, Mapping[str, object]], title:
                              sharex=True, sharey=True)
     for k, (name, densities) in enumerate(panels.items()):
         _draw_densities(axes[k // cols][k % cols], densities, c, floor, name)
+    for k in range(len(panels)):  # the eigenvalue axis is labelled once, under each column
+        if k + cols < len(panels):
+            axes[k // cols][k % cols].set_xlabel("")
+        else:
+            axes[k // cols][k % cols].xaxis.set_tick_params(labelbottom=True)
     for k in range(len(panels), rows * cols):
         axes[k // cols][k % cols].set_visible(False)
     if len(panels) > 1 and title:
