@@ -180,6 +180,17 @@ def _class_color(sweeps, k: int, group: str) -> str:
     return color(group, 0) if len(sweeps) == 1 else RUN_COLORS[k % len(RUN_COLORS)]
 
 
+def _class_lines(sweeps, key: str):
+    """``(name, group, colour, counts, values, stderrs, class ids)`` of each run's head and
+    tail classes, sorted by count: one line of a class figure each."""
+    for k, (run_label, sweep) in enumerate(sweeps.items()):
+        for group in GROUP_MARKERS:
+            x, y, err, ids = _class_points(sweep, group, key)
+            if x:
+                name = f"{run_label}: {group}" if len(sweeps) > 1 else f"{group} classes"
+                yield name, group, _class_color(sweeps, k, group), x, y, err, ids
+
+
 def _eta(sweeps) -> float:
     return next(iter(sweeps.values())).eta
 
@@ -194,19 +205,14 @@ def plot_classes_png(sweeps: Mapping[str, object], path: PathLike, title: str = 
     """
     fig, axes = plt.subplots(2, 2, figsize=(11, 8), sharex=True)
     for ax, (key, label, _) in zip(axes.flat, _CLASS_PANELS):
-        for k, (run_label, sweep) in enumerate(sweeps.items()):
-            for group, (marker, _) in GROUP_MARKERS.items():
-                x, y, err, ids = _class_points(sweep, group, key)
-                if not x:
-                    continue
-                name = f"{run_label}: {group}" if len(sweeps) > 1 else f"{group} classes"
-                ax.errorbar(x, y, yerr=err if key == "trace" else None, marker=marker,
-                            markersize=5, linewidth=0.8, capsize=2, label=name,
-                            color=_class_color(sweeps, k, group))
-                if len(sweeps) == 1 and key == "lambda_max" and len(x) <= 20:
-                    for xi, yi, c in zip(x, y, ids):
-                        ax.annotate(str(c), (xi, yi), xytext=(3, 3),
-                                    textcoords="offset points", fontsize=7)
+        for name, group, line_color, x, y, err, ids in _class_lines(sweeps, key):
+            ax.errorbar(x, y, yerr=err if key == "trace" else None,
+                        marker=GROUP_MARKERS[group][0], markersize=5, linewidth=0.8, capsize=2,
+                        label=name, color=line_color)
+            if len(sweeps) == 1 and key == "lambda_max" and len(x) <= 20:
+                for xi, yi, c in zip(x, y, ids):
+                    ax.annotate(str(c), (xi, yi), xytext=(3, 3), textcoords="offset points",
+                                fontsize=7)
         ax.axvline(_eta(sweeps), color="gray", linestyle="--", linewidth=1,
                    label=f"eta = {_eta(sweeps):g} (tail: fewer)")
         ax.set_xscale("log")
@@ -239,21 +245,15 @@ def plot_classes_html(sweeps: Mapping[str, object], path: PathLike, title: str =
                         subplot_titles=[p[2] for p in _CLASS_PANELS])
     for n, (key, _, label) in enumerate(_CLASS_PANELS):
         row, col = n // 2 + 1, n % 2 + 1
-        for k, (run_label, sweep) in enumerate(sweeps.items()):
-            for group, (_, symbol) in GROUP_MARKERS.items():
-                x, y, err, ids = _class_points(sweep, group, key)
-                if not x:
-                    continue
-                name = f"{run_label}: {group}" if len(sweeps) > 1 else f"{group} classes"
-                fig.add_trace(go.Scatter(
-                    x=x, y=y, mode="lines+markers", name=name, legendgroup=name,
-                    showlegend=n == 0, customdata=ids,
-                    marker={"symbol": symbol, "size": 8,
-                            "color": _class_color(sweeps, k, group)},
-                    line={"width": 1, "color": _class_color(sweeps, k, group)},
-                    error_y={"array": err, "visible": True} if key == "trace" else None,
-                    hovertemplate="class %{customdata}, %{x} images<br>%{y:.4g}"),
-                    row=row, col=col)
+        for name, group, line_color, x, y, err, ids in _class_lines(sweeps, key):
+            fig.add_trace(go.Scatter(
+                x=x, y=y, mode="lines+markers", name=name, legendgroup=name,
+                showlegend=n == 0, customdata=ids,
+                marker={"symbol": GROUP_MARKERS[group][1], "size": 8, "color": line_color},
+                line={"width": 1, "color": line_color},
+                error_y={"array": err, "visible": True} if key == "trace" else None,
+                hovertemplate="class %{customdata}, %{x} images<br>%{y:.4g}"),
+                row=row, col=col)
         fig.add_vline(x=_eta(sweeps), line_dash="dash", line_color="gray", row=row, col=col)
         values = [getattr(r, key) for s in sweeps.values() for r in s.classes]
         if key in ("lambda_max", "trace") and values and min(values) > 0:
