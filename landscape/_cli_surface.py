@@ -73,7 +73,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--grid", type=int, default=51, help="points per axis [51]")
     p.add_argument("--range", type=float, nargs=2, metavar=("LOW", "HIGH"),
                    help="coordinates of both axes [-1 1; pca: covers the trajectory; "
-                        "interp: -0.5 1.5]")
+                        "interp: about -0.5 1.5, with 0 and 1 on the grid]")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the random directions / of Lanczos's start vector [0]")
     p.add_argument("--normalization", choices=("filter", "layer", "none"), default="filter",
@@ -85,6 +85,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max_steps", type=int, help="Lanczos steps at most (eigen)")
     p.add_argument("--tol", type=float, help="Lanczos relative residual tolerance (eigen)")
     p.add_argument("--to", metavar="CKPT", help="end checkpoint of --directions interp")
+    p.add_argument("--no_states", action="store_true",
+                   help="interp: keep the start's BatchNorm running statistics all along the "
+                        "line [moved with the weights, so both ends are the checkpoints]")
+    p.add_argument("--ignore", choices=("biasbn",),
+                   help="pca: leave out 1-D parameters (biases, BatchNorm scales and shifts)")
     p.add_argument("--split", choices=("train", "test"), default="train",
                    help="evaluation samples [train]")
     p.add_argument("--loss", choices=LOSSES, help="per-sample loss [the run's own]")
@@ -121,8 +126,10 @@ def _check_args(args) -> None:
             raise AnalysisError("--directions interp needs --to CKPT (the end checkpoint)")
         if args.dim == 2:
             raise AnalysisError("--directions interp gives a 1-D line; drop --dim 2")
-    elif args.to is not None:
-        raise AnalysisError("--to is only used with --directions interp")
+    elif args.to is not None or args.no_states:
+        raise AnalysisError("--to and --no_states are only used with --directions interp")
+    if args.ignore is not None and args.directions != "pca":
+        raise AnalysisError("--ignore is only used with --directions pca")
     if args.directions == "pca" and args.dim == 1:
         raise AnalysisError("--directions pca gives a 2-D plane; drop --dim 1")
     if args.batch_size is not None and args.batch_size < 1:
@@ -166,7 +173,7 @@ def _check_files(args) -> None:
 def _request(args) -> dict:
     """The command's settings that define the directions (resuming reuses stored ones)."""
     keys = ("directions", "dim", "seed", "normalization", "one_d", "eigen_group", "max_steps",
-            "tol", "to", "split", "loss")
+            "tol", "to", "split", "loss", "no_states", "ignore")
     return {k: getattr(args, k) for k in keys}
 
 
@@ -189,13 +196,14 @@ def _directions(args, run, groups, stored):
                                       bottom=1 if dim == 2 else 0, seed=args.seed,
                                       max_steps=args.max_steps, tol=args.tol, split=args.split)
     elif args.directions == "pca":
-        pca = dirs.trajectory_pca(run, count=2)
+        pca = dirs.trajectory_pca(run, count=2, ignore=args.ignore)
         found = pca.directions
         trajectory = {"epochs": list(pca.epochs), "coordinates": pca.coordinates.tolist()}
     else:
         from landscape.load import load
 
-        found = (dirs.interpolation_direction(run, load(args.to, device=run.device)),)
+        found = (dirs.interpolation_direction(run, load(args.to, device=run.device),
+                                              states=not args.no_states),)
     if args.trajectory and trajectory is None:
         from landscape.surface_files import project_trajectory
 
@@ -214,6 +222,10 @@ def _directions(args, run, groups, stored):
     from landscape.surface import grid_axis
 
     alphas = grid_axis(args.grid, low, high)
+    if args.range is None and args.directions == "interp":
+        from landscape.directions import interpolation_axis
+
+        alphas = interpolation_axis(args.grid)
     betas = grid_axis(args.grid, low, high) if dim == 2 else None
     return found, alphas, betas, trajectory
 

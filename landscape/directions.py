@@ -4,9 +4,13 @@ eigenvectors, the line between two checkpoints, and the PCA of a checkpoint traj
 Every direction is a flat vector over the model's trainable parameters
 (:class:`landscape.layout.ParamLayout`, the layout of :class:`landscape.hvp.GroupHessian` too),
 so a Hessian eigenvector is a direction as it stands.
-Buffers (BatchNorm running statistics) are not parameters and are never perturbed: a surface is
-the loss at :math:`w + \alpha d_1 + \beta d_2` with the checkpoint's running statistics, the
-model in eval mode.
+Buffers (BatchNorm running statistics) are not parameters. A random, eigen or PCA direction
+leaves them alone: the surface is the loss at :math:`w + \alpha d_1 + \beta d_2` with the
+centre checkpoint's running statistics, the model in eval mode. The line between two
+checkpoints also moves them (Li et al.'s "states" directions, :func:`interpolation_direction`,
+on by default): a direction may carry ``states``, a flat vector over the floating-point buffers
+(:func:`state_names`), and the surface's statistics are then :math:`s + \alpha s_1`, so that
+``alpha = 1`` is the end checkpoint with its own statistics, not its weights with the start's.
 
 Filter normalisation (Li et al. 2018, "Visualizing the loss landscape of neural nets"): a
 Gaussian direction :math:`d` is rescaled slice by slice along dimension 0 of each weight (one
@@ -51,13 +55,14 @@ from landscape.layout import ParamLayout
 from train import checkpoint as ckpt
 
 __all__ = [
-    "Direction", "TrajectoryPCA", "NORMALIZATIONS", "ONE_D", "parameter_names",
-    "flat_parameters", "random_directions", "eigen_directions", "interpolation_direction",
-    "trajectory_pca",
+    "Direction", "TrajectoryPCA", "NORMALIZATIONS", "ONE_D", "IGNORE", "parameter_names",
+    "flat_parameters", "state_names", "flat_states", "random_directions", "eigen_directions",
+    "interpolation_direction", "interpolation_axis", "trajectory_pca",
 ]
 
 NORMALIZATIONS = ("filter", "layer", "none")
 ONE_D = ("zero", "weights")
+IGNORE = ("biasbn",)
 
 
 @dataclass(frozen=True, eq=False)
@@ -70,11 +75,14 @@ class Direction:
         recipe: JSON-able settings that recompute ``vector`` (seed, normalisation, group,
             Lanczos steps, checkpoints, ...) plus facts found on the way (an eigenvalue, an
             explained variance).
+        states: ``None``, or a flat float32 CPU tensor over the floating-point buffers
+            (:func:`state_names`): how a step moves the BatchNorm running statistics.
     """
 
     vector: torch.Tensor
     kind: str
     recipe: Mapping[str, Any] = field(default_factory=dict)
+    states: Optional[torch.Tensor] = None
 
     @property
     def norm(self) -> float:
@@ -88,6 +96,19 @@ class Direction:
 def parameter_names(model: nn.Module) -> list[str]:
     """Names of the trainable parameters, in the order of a flat vector."""
     return list(ParamLayout.of(model).names)
+
+
+def state_names(model: nn.Module) -> list[str]:
+    """Names of the floating-point buffers (BatchNorm running means and variances), in the
+    order of a direction's ``states``; integer buffers (batch counters) are not moved."""
+    return [name for name, b in model.named_buffers() if b.is_floating_point()]
+
+
+def flat_states(model: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The floating-point buffers as one flat CPU vector (the layout of ``states``)."""
+    buffers = dict(model.named_buffers())
+    parts = [buffers[name].detach().reshape(-1).to("cpu", dtype) for name in state_names(model)]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=dtype)
 
 
 def flat_parameters(model: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -209,18 +230,46 @@ def _label(model_or_run) -> tuple[nn.Module, dict]:
     return model_or_run.model, {"checkpoint": str(model_or_run.path), "epoch": model_or_run.epoch}
 
 
-def interpolation_direction(start, end) -> Direction:
+def interpolation_direction(start, end, states: bool = True) -> Direction:
     r"""The line from ``start`` to ``end``: :math:`d = w_{end} - w_{start}`, so that
     :math:`\alpha = 0` is ``start`` and :math:`\alpha = 1` is ``end`` (surface centred at
     ``start``). Each may be a :class:`landscape.Run` or a module of the same architecture.
+
+    With ``states`` (the default) the direction also moves the BatchNorm running statistics,
+    :math:`s_{end} - s_{start}` (module docstring): both ends are then the checkpoints
+    themselves. Without, every point uses the start's statistics.
     """
     model_a, info_a = _label(start)
     model_b, info_b = _label(end)
-    if ParamLayout.of(model_a) != ParamLayout.of(model_b):
+    if ParamLayout.of(model_a) != ParamLayout.of(model_b) or (
+            states and _state_shapes(model_a) != _state_shapes(model_b)):
         raise AnalysisError("the two checkpoints have different parameters (not the same model)")
     w_a, w_b = flat_parameters(model_a, torch.float64), flat_parameters(model_b, torch.float64)
-    recipe = {"start": info_a, "end": info_b}
-    return Direction((w_b - w_a).float(), "interpolation", recipe)
+    recipe = {"start": info_a, "end": info_b, "states": bool(states)}
+    moved = None
+    if states and state_names(model_a):
+        moved = (flat_states(model_b, torch.float64) - flat_states(model_a, torch.float64)).float()
+    return Direction((w_b - w_a).float(), "interpolation", recipe, moved)
+
+
+def interpolation_axis(points: int) -> np.ndarray:
+    """``points`` evenly spaced coordinates from about -0.5 to 1.5 with 0 and 1 among them,
+    exactly: the line's grid samples both checkpoints.
+
+    >>> interpolation_axis(51)[[12, 37]].tolist(), interpolation_axis(5).tolist()
+    ([0.0, 1.0], [-0.5, 0.0, 0.5, 1.0, 1.5])
+    """
+    if isinstance(points, bool) or int(points) != points or points < 2:
+        raise AnalysisError(f"a grid needs at least 2 points per axis, got {points}")
+    steps = int(points) - 1
+    per_unit = max(1, -(-steps // 2))        # grid steps between alpha = 0 and alpha = 1
+    before = (steps - per_unit) // 2
+    return (np.arange(int(points)) - before) / per_unit
+
+
+def _state_shapes(model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+    buffers = dict(model.named_buffers())
+    return [(name, tuple(buffers[name].shape)) for name in state_names(model)]
 
 
 @dataclass(frozen=True, eq=False)
@@ -243,8 +292,8 @@ class TrajectoryPCA:
     origin_epoch: int
 
 
-def trajectory_pca(run, count: int = 2, paths: Optional[Sequence[Union[str, Path]]] = None
-                   ) -> TrajectoryPCA:
+def trajectory_pca(run, count: int = 2, paths: Optional[Sequence[Union[str, Path]]] = None,
+                   ignore: Optional[str] = None) -> TrajectoryPCA:
     r"""PCA of the checkpoints of ``run``'s folder up to ``run.epoch`` (Li et al. 2018, sec. 7).
 
     The trajectory :math:`w_0, \dots, w_T` (the origin :math:`w_T` = ``run``'s checkpoint
@@ -256,10 +305,14 @@ def trajectory_pca(run, count: int = 2, paths: Optional[Sequence[Union[str, Path
         run: a :class:`landscape.Run`; its checkpoint is the origin.
         count: number of directions.
         paths: checkpoint files of the same run to use instead of the run folder's.
+        ignore: ``"biasbn"`` leaves out the 1-D parameters (biases, BatchNorm scales and
+            shifts; Li et al.'s ``--ignore biasbn``): the directions are zero there.
 
     Raises:
         AnalysisError: fewer than ``count + 1`` checkpoints, or a rank-deficient trajectory.
     """
+    if ignore is not None and ignore not in IGNORE:
+        raise AnalysisError(f"ignore must be one of {', '.join(IGNORE)}, got {ignore!r}")
     layout = ParamLayout.of(run.model)
     if paths is None:
         found = [(e, p) for e, p in ckpt.list_checkpoints(run.run_dir) if e <= run.epoch]
@@ -282,6 +335,10 @@ def trajectory_pca(run, count: int = 2, paths: Optional[Sequence[Union[str, Path
                 from None
         rows.append(w - origin)
     offsets = torch.stack(rows)                      # (T + 1, n): w_i - w_origin
+    if ignore == "biasbn":
+        kept = layout.flatten([torch.full(shape, float(len(shape) > 1), dtype=torch.float64)
+                               for shape in layout.shapes], dtype=torch.float64)
+        offsets = offsets * kept
     centred = offsets - offsets.mean(dim=0, keepdim=True)
     _, singular, vt = torch.linalg.svd(centred, full_matrices=False)
     variance = singular ** 2
@@ -298,6 +355,6 @@ def trajectory_pca(run, count: int = 2, paths: Optional[Sequence[Union[str, Path
         Direction(basis[j].float(), "pca",
                   {"index": j, "epochs": list(epochs), "origin_epoch": run.epoch,
                    "checkpoints": [str(p) for _, p in found],
-                   "explained_variance_ratio": ratio[j]})
+                   "explained_variance_ratio": ratio[j], "ignore": ignore})
         for j in range(count))
     return TrajectoryPCA(directions, epochs, coordinates.numpy(), tuple(ratio), run.epoch)

@@ -55,12 +55,16 @@ class SurfaceEvaluator:
         method: ``"loop"`` or ``"vmap"`` (module docstring).
         batch_size: samples per forward (default: all of them, at most 4096).
         chunk: points per vmapped call.
+        states: for each direction ``None`` or a flat vector over the floating-point buffers
+            (:func:`landscape.directions.state_names`): a point's BatchNorm statistics are then
+            :math:`s + \\sum_k c_k s_k` (directions without states count as zeros).
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable, inputs: torch.Tensor,
                  targets: torch.Tensor, memberships: torch.Tensor,
                  directions: Sequence[torch.Tensor], *, dtype: torch.dtype = torch.float32,
-                 method: str = "loop", batch_size: Optional[int] = None, chunk: int = 8):
+                 method: str = "loop", batch_size: Optional[int] = None, chunk: int = 8,
+                 states: Optional[Sequence[Optional[torch.Tensor]]] = None):
         if method not in METHODS:
             raise AnalysisError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
         self.method = method
@@ -85,6 +89,7 @@ class SurfaceEvaluator:
         self.w0 = self.flat.clone()
         self.directions = torch.stack([d.to(device, dtype).reshape(-1) for d in directions])
         self.buffers = dict(self.model.named_buffers())
+        self._moving_states(states or (), len(directions))
         self.inputs = inputs.to(device, dtype)
         self.targets = targets.to(device)
         self.memberships = memberships.to(device, torch.float64)
@@ -93,6 +98,37 @@ class SurfaceEvaluator:
             raise AnalysisError("a group has no samples in the evaluation set")
         n_samples = int(self.targets.shape[0])
         self.batch_size = int(batch_size) if batch_size else max(1, min(n_samples, 4096))
+
+    def _moving_states(self, states: Sequence[Optional[torch.Tensor]], count: int) -> None:
+        """The state directions as a ``(k, m)`` matrix over the floating-point buffers, or
+        ``None`` when no direction moves them."""
+        from landscape.directions import state_names
+
+        self.state_names = state_names(self.model)
+        self.state_directions = None
+        if all(s is None for s in states):
+            return
+        tensors = [self.buffers[name] for name in self.state_names]
+        self.s0 = torch.cat([t.reshape(-1) for t in tensors])
+        rows = []
+        for k in range(count):
+            given = states[k] if k < len(states) else None
+            if given is not None and given.numel() != self.s0.numel():
+                raise AnalysisError(f"a direction moves {given.numel()} buffer entries, the "
+                                    f"model has {self.s0.numel()} (direction of another model?)")
+            rows.append(torch.zeros_like(self.s0) if given is None
+                        else given.to(self.device, self.dtype).reshape(-1))
+        self.state_directions = torch.stack(rows)
+
+    def _named_states(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Flat buffer values -> ``{name: tensor}`` of the floating-point buffers."""
+        out, offset = {}, 0
+        for name in self.state_names:
+            size = self.buffers[name].numel()
+            out[name] = flat[..., offset:offset + size].reshape(
+                *flat.shape[:-1], *self.buffers[name].shape)
+            offset += size
+        return out
 
     def _reduce(self, losses: torch.Tensor,
                 hits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,6 +146,11 @@ class SurfaceEvaluator:
             torch.add(self.w0, self.directions[0], alpha=c[0], out=self.flat)
             for k in range(1, len(c)):
                 self.flat.add_(self.directions[k], alpha=c[k])
+            if self.state_directions is not None:
+                point = self.s0 + torch.as_tensor(c, dtype=self.dtype, device=self.device) \
+                    @ self.state_directions
+                for name, value in self._named_states(point).items():
+                    self.buffers[name].copy_(value)
             for start in range(0, n_samples, self.batch_size):
                 stop = start + self.batch_size
                 logits = self.model(self.inputs[start:stop])
@@ -123,21 +164,26 @@ class SurfaceEvaluator:
         n_samples = self.targets.shape[0]
         layout, model, buffers = self.layout, self.model, self.buffers
 
-        def forward(flat_weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-            return functional_call(model, {**layout.named(flat_weights), **buffers}, (x,))
+        def forward(flat_weights: torch.Tensor, flat_states: torch.Tensor,
+                    x: torch.Tensor) -> torch.Tensor:
+            moved = {} if self.state_directions is None else self._named_states(flat_states)
+            return functional_call(model, {**layout.named(flat_weights), **buffers, **moved},
+                                   (x,))
 
-        batched = torch.func.vmap(forward, in_dims=(0, None))
+        batched = torch.func.vmap(forward, in_dims=(0, 0, None))
         out_loss, out_acc = [], []
         for first in range(0, coords.shape[0], self.chunk):
             block = coords[first:first + self.chunk].to(self.device, self.dtype)
             weights = self.w0 + block @ self.directions          # (K, n)
             k = weights.shape[0]
+            states = (weights[:, :0] if self.state_directions is None
+                      else self.s0 + block @ self.state_directions)   # (K, m)
             losses = torch.empty(k, n_samples, dtype=self.dtype, device=self.device)
             hits = torch.empty(k, n_samples, dtype=torch.bool, device=self.device)
             for start in range(0, n_samples, self.batch_size):
                 stop = start + self.batch_size
                 x, y = self.inputs[start:stop], self.targets[start:stop]
-                logits = batched(weights, x)                     # (K, B, C)
+                logits = batched(weights, states, x)             # (K, B, C)
                 flat_logits = logits.reshape(-1, logits.shape[-1])
                 losses[:, start:stop] = self.loss_fn(flat_logits, y.repeat(k)).view(k, -1)
                 hits[:, start:stop] = logits.argmax(dim=-1) == y

@@ -29,6 +29,7 @@ grid, which is everything needed to recompute it.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import zipfile
@@ -79,6 +80,8 @@ class Surface:
         directions: the directions' flat float32 vectors.
         meta: JSON-able settings (checkpoint, epoch, directions' kinds / recipes / digests,
             groups and their classes, split, loss, dtype, ...).
+        states: per direction ``None`` or its BatchNorm-statistics vector
+            (:class:`landscape.directions.Direction`'s ``states``).
     """
 
     alphas: np.ndarray
@@ -88,6 +91,7 @@ class Surface:
     done: np.ndarray
     directions: tuple[np.ndarray, ...]
     meta: Mapping[str, Any]
+    states: tuple[Optional[np.ndarray], ...] = ()
 
     @property
     def groups(self) -> list[str]:
@@ -103,9 +107,11 @@ class Surface:
 
     def direction_objects(self) -> tuple[Direction, ...]:
         """The stored directions as :class:`Direction` s (to resume without recomputing)."""
+        states = self.states or (None,) * len(self.directions)
         return tuple(Direction(torch.from_numpy(np.array(v, dtype=np.float32)), d["kind"],
-                               d["recipe"])
-                     for v, d in zip(self.directions, self.meta["directions"]))
+                               d["recipe"], None if m is None else torch.from_numpy(
+                                   np.array(m, dtype=np.float32)))
+                     for v, d, m in zip(self.directions, self.meta["directions"], states))
 
     def centre(self, group: str = "all") -> tuple[float, float]:
         """``(loss, accuracy)`` of ``group`` at the grid point nearest the origin."""
@@ -124,6 +130,9 @@ class Surface:
             arrays[f"accuracy_{k}"] = self.accuracy[name]
         for k, vector in enumerate(self.directions):
             arrays[f"direction_{k}"] = vector
+        for k, moved in enumerate(self.states):
+            if moved is not None:
+                arrays[f"states_{k}"] = moved
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
         return buffer.getvalue()
@@ -151,7 +160,8 @@ class Surface:
                     accuracy={g: f[f"accuracy_{k}"] for k, g in enumerate(groups)},
                     done=f["done"].astype(bool),
                     directions=tuple(f[f"direction_{k}"] for k in range(len(meta["directions"]))),
-                    meta=meta)
+                    meta=meta, states=tuple(f[f"states_{k}"] if f"states_{k}" in f else None
+                                            for k in range(len(meta["directions"]))))
         except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, EOFError) as error:
             raise AnalysisError(f"{path}: not a readable surface file ({error})") from None
 
@@ -179,6 +189,14 @@ def _check_grid(alphas, betas, directions) -> tuple[np.ndarray, Optional[np.ndar
     return alphas, betas
 
 
+def _states_digest(direction: Direction) -> dict:
+    """``{"states_digest": SHA-256}`` of a direction that moves the BatchNorm statistics."""
+    if direction.states is None:
+        return {}
+    data = direction.states.float().contiguous().numpy().tobytes()
+    return {"states_digest": hashlib.sha256(data).hexdigest()}
+
+
 def _meta(run, directions, alphas, betas, names, classes, split, loss_name, dtype, method,
           batch_size, request) -> dict:
     """Everything that defines the surface (and the settings that do not, _NOT_IDENTITY)."""
@@ -186,7 +204,7 @@ def _meta(run, directions, alphas, betas, names, classes, split, loss_name, dtyp
         "format": FORMAT, "checkpoint": str(run.path), "epoch": int(run.epoch),
         "run_dir": str(run.run_dir), "dataset": run.config.dataset, "model": run.config.model,
         "directions": [{"kind": d.kind, "recipe": dict(d.recipe), "digest": d.digest(),
-                        "norm": d.norm} for d in directions],
+                        "norm": d.norm, **_states_digest(d)} for d in directions],
         "group_names": names, "groups": classes, "split": split, "loss": loss_name,
         "dtype": str(dtype).replace("torch.", ""), "alphas": alphas.tolist(),
         "betas": None if betas is None else betas.tolist(),
@@ -194,13 +212,13 @@ def _meta(run, directions, alphas, betas, names, classes, split, loss_name, dtyp
     }
 
 
-def _start(path, alphas, betas, names, vectors, meta) -> Surface:
+def _start(path, alphas, betas, names, vectors, meta, states=()) -> Surface:
     """An empty surface, or what the file at ``path`` holds of this one (to resume)."""
     shape = (len(alphas),) if betas is None else (len(betas), len(alphas))
     if path is None or not Path(path).exists():
         return Surface(alphas, betas, {g: np.full(shape, np.nan) for g in names},
                        {g: np.full(shape, np.nan) for g in names}, np.zeros(shape, dtype=bool),
-                       vectors, meta)
+                       vectors, meta, states)
     previous = Surface.load(path)
     changed = _changed(previous.meta, meta)
     if changed:
@@ -208,7 +226,7 @@ def _start(path, alphas, betas, names, vectors, meta) -> Surface:
                             f"({', '.join(changed)}); remove it or choose another output")
     return Surface(alphas, betas, {g: previous.loss[g].copy() for g in names},
                    {g: previous.accuracy[g].copy() for g in names}, previous.done.copy(),
-                   vectors, meta)
+                   vectors, meta, states)
 
 
 def _fill(surface: Surface, evaluator: SurfaceEvaluator, save_every: Optional[int], path,
@@ -291,7 +309,9 @@ def compute_surface(run, directions: Sequence[Direction], alphas: Sequence[float
     meta = _meta(run, directions, alphas, betas, names, classes, split, loss or run.config.loss,
                  dtype, method, batch_size, request)
     vectors = tuple(d.vector.float().numpy().copy() for d in directions)
-    surface = _start(path, alphas, betas, names, vectors, meta)
+    states = tuple(None if d.states is None else d.states.float().numpy().copy()
+                   for d in directions)
+    surface = _start(path, alphas, betas, names, vectors, meta, states)
     if surface.complete:
         return surface
     inputs, targets = run.group_data("all", split)
@@ -299,6 +319,6 @@ def compute_surface(run, directions: Sequence[Direction], alphas: Sequence[float
                                for g in names])
     evaluator = SurfaceEvaluator(run.model, run.loss_fn(loss), inputs, targets, memberships,
                                  [d.vector for d in directions], dtype=dtype, method=method,
-                                 batch_size=batch_size)
+                                 batch_size=batch_size, states=[d.states for d in directions])
     _fill(surface, evaluator, save_every, path, progress)
     return surface
