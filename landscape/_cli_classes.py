@@ -38,6 +38,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--trace_hvps", type=int, default=99, help="HVPs per Hutch++ trace [99]")
     p.add_argument("--density", action="store_true", help="also the SLQ spectral densities")
     p.add_argument("--probes", type=int, default=10, help="SLQ probes with --density [10]")
+    p.add_argument("--params", metavar="PATTERN[,PATTERN]",
+                   help="the Hessian block of the parameters matching these globs (e.g. "
+                        "layer4.*,fc.*), the others fixed [all parameters]")
     p.add_argument("--batch_size", type=int, help="samples per forward pass [as hessian]")
     p.add_argument("--no_cache", action="store_true", help="neither read nor write the cache")
     p.add_argument("--json", metavar="OUT", help="write the results here (else print them)")
@@ -67,9 +70,14 @@ def run_classes(args) -> int:
 
     _check_outputs(args)
     SweepSettings(steps=args.steps, tol=args.tol, seed=args.seed, samples=args.samples,
-                  trace_hvps=args.trace_hvps, probes=args.probes)  # bad numbers: one line
+                  trace_hvps=args.trace_hvps, probes=args.probes,
+                  params=args.params)  # bad numbers: one line
     run = load(args.checkpoint, device=args.device)
     ids = parse_classes(run, args.classes)
+    if args.params is not None:  # matches nothing: one line before a progress bar
+        from landscape.layout import ParamLayout
+
+        ParamLayout.of(run.model).select(args.params)
     bar = None
     if not args.no_progress:
         from tqdm.auto import tqdm
@@ -82,7 +90,8 @@ def run_classes(args) -> int:
         sweep = class_sweep(run, ids, steps=args.steps, tol=args.tol, seed=args.seed,
                             samples=args.samples, split=args.split, trace_hvps=args.trace_hvps,
                             density=args.density, probes=args.probes, cache=not args.no_cache,
-                            batch_size=args.batch_size, progress=bar.update if bar else None)
+                            batch_size=args.batch_size, progress=bar.update if bar else None,
+                            params=args.params)
     finally:
         if bar is not None:
             bar.close()

@@ -16,6 +16,11 @@ symmetric-log eigenvalue axis, log density axis; the HTML opens offline).
 
 Groups: head, tail, all, or class ids (``--group 0,3,7``; in ``--groups``, whose items are
 separated by commas, join the ids of one group with ``+``: ``--groups head,0+3+7``).
+
+Parameter blocks: ``--params layer4.*,fc.*`` (fnmatch globs on the parameter names) analyses the
+Hessian block of those parameters, the others fixed. ``hessian --per_layer`` sweeps every
+top-level block (lambda_max, lambda_min and the Hutch++ trace of each; the JSON to --json or
+printed, per_layer.png and per_layer.html into --out DIR; landscape.per_layer).
 """
 
 from __future__ import annotations
@@ -41,6 +46,9 @@ def _common(p) -> None:
                    help="samples per forward pass; results do not depend on it "
                         "[GPU: all, halved on out-of-memory; CPU: at most 1024]")
     p.add_argument("--seed", type=int, default=0, help="seed of start vectors and probes [0]")
+    p.add_argument("--params", metavar="PATTERN[,PATTERN]",
+                   help="the Hessian block of the parameters matching these globs "
+                        "(e.g. layer4.*,fc.*), the others fixed [all parameters]")
     p.add_argument("--device", help="cpu, cuda or cuda:N [cuda if available]")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
 
@@ -60,6 +68,11 @@ def add_parser(subparsers) -> None:
                    help="Lanczos residual tolerance, relative to ||H|| [1e-6]")
     h.add_argument("--max_steps", type=int, default=300, help="Lanczos steps at most [300]")
     h.add_argument("--json", metavar="OUT", help="write the result here (else print it)")
+    h.add_argument("--per_layer", action="store_true",
+                   help="every top-level block's lambda_max, lambda_min and trace, the other "
+                        "parameters fixed (figures with --out)")
+    h.add_argument("--out", metavar="DIR", help="--per_layer: per_layer.png and per_layer.html "
+                                                "here (created if missing)")
     h.set_defaults(run=run_hessian)
 
     s = subparsers.add_parser("spectrum", help="SLQ spectral densities of several groups (npz, "
@@ -94,23 +107,25 @@ def run_hessian(args) -> int:
     from landscape.hessian import DTYPES, hessian_summary, summary_json_text
     from landscape.load import load
     from train.io import atomic_write_bytes
-    from train.models import count_parameters
 
     _check_positive(args, "batch_size", "max_steps")
     if args.top < 0 or args.bottom < 0:
         raise AnalysisError("--top and --bottom must be >= 0")
     if not args.tol > 0:
         raise AnalysisError(f"--tol must be > 0, got {args.tol}")
-    if args.trace and args.trace_hvps < 3:
+    if (args.trace or args.per_layer) and args.trace_hvps < 3:
         raise AnalysisError(f"--trace_hvps must be >= 3, got {args.trace_hvps}")
     if args.json is not None:
         out = Path(args.json)
         if out.is_dir() or not out.parent.is_dir():
             raise AnalysisError(f"--json {out}: not a file in an existing folder")
+    _check_per_layer(args)
     run = load(args.checkpoint, device=args.device)
     # Bad groups and sizes fail here, before a progress bar is drawn: one line on stderr.
     run.group_data(args.group, args.split)
-    n_params = count_parameters(run.model)
+    if args.per_layer:
+        return _run_per_layer(args, run)
+    n_params = _selected_count(run, args.params)
     for name in ("top", "bottom"):
         if getattr(args, name) > n_params:
             raise AnalysisError(f"--{name} {getattr(args, name)} is larger than the parameter "
@@ -124,7 +139,7 @@ def run_hessian(args) -> int:
             split=args.split, loss=args.loss, batch_size=args.batch_size,
             dtype=DTYPES[args.dtype], tol=args.tol, max_steps=args.max_steps,
             trace_method=args.trace_method, trace_hvps=args.trace_hvps,
-            progress=bar.update if bar else None)
+            progress=bar.update if bar else None, params=args.params)
     finally:
         if bar is not None:
             bar.close()
@@ -145,6 +160,63 @@ def run_hessian(args) -> int:
               f"{how.seconds:.1f} s -> {args.json}")
     if not summary.converged:
         print(f"warning: not converged: {summary.eigen.reason}", file=sys.stderr)
+    return 0
+
+
+def _selected_count(run, params) -> int:
+    """The size of the Hessian block ``--params`` selects (a bad or empty match: one line)."""
+    from landscape.layout import ParamLayout
+
+    layout = ParamLayout.of(run.model)
+    return (layout if params is None else layout.select(params)).n
+
+
+def _check_per_layer(args) -> None:
+    if args.per_layer and args.params is not None:
+        raise AnalysisError("--per_layer sweeps every block; drop --params (or --per_layer)")
+    if args.out is not None and not args.per_layer:
+        raise AnalysisError("--out is only used with --per_layer")
+    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise AnalysisError(f"--out {args.out}: exists and is not a folder")
+
+
+def _run_per_layer(args, run) -> int:
+    """``hessian --per_layer``: the sweep of :mod:`landscape.per_layer`, JSON and figures."""
+    import json
+
+    from landscape._distributed import is_writer
+    from landscape.hessian import DTYPES
+    from landscape.layout import ParamLayout
+    from landscape.per_layer import per_layer_sweep, write_per_layer_figures
+    from train.io import atomic_write_bytes
+
+    blocks = len(ParamLayout.of(run.model).blocks())
+    bar = _progress_bar(args, blocks * (args.max_steps + 2 + args.trace_hvps), "per layer")
+    try:
+        sweep = per_layer_sweep(run, args.group, seed=args.seed, split=args.split,
+                                loss=args.loss, batch_size=args.batch_size,
+                                dtype=DTYPES[args.dtype], tol=args.tol, max_steps=args.max_steps,
+                                trace_hvps=args.trace_hvps, progress=bar.update if bar else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    if not is_writer():  # under torchrun, rank 0 reports and writes
+        return 0
+    text = json.dumps(sweep.to_json(), indent=2) + "\n"
+    if args.json is None:
+        sys.stdout.write(text)
+    else:
+        atomic_write_bytes(args.json, text.encode())
+        for b in sweep.blocks:
+            print(f"{b.block}: {b.n_params} parameters, lambda_max {b.lambda_max:.6g}, "
+                  f"lambda_min {b.lambda_min:.6g}, trace {b.trace:.6g}")
+    if args.out is not None:
+        title = f"{run.run_dir.name} epoch {run.epoch}: {sweep.group} loss, Hessian blocks"
+        written = write_per_layer_figures(sweep, args.out, title)
+        print(f"wrote {', '.join(str(p) for p in written)}", file=sys.stderr)
+    if not all(b.converged for b in sweep.blocks):
+        print("warning: not converged: " + ", ".join(b.block for b in sweep.blocks
+                                                      if not b.converged), file=sys.stderr)
     return 0
 
 
@@ -169,18 +241,20 @@ def run_spectrum(args) -> int:
     run = load(args.checkpoint, device=args.device)
     for group in groups:  # fail on a bad group before a progress bar is drawn
         run.group_data(group, args.split)
+    _selected_count(run, args.params)
     bar = _progress_bar(args, len(groups) * args.probes * args.steps, "spectrum")
     try:
         densities = spectral_densities(
             run, groups, probes=args.probes, steps=args.steps, seed=args.seed, split=args.split,
             loss=args.loss, batch_size=args.batch_size, dtype=DTYPES[args.dtype],
-            probe_batch=args.probe_batch, progress=bar.update if bar else None)
+            probe_batch=args.probe_batch, progress=bar.update if bar else None,
+            params=args.params)
     finally:
         if bar is not None:
             bar.close()
     meta = {"checkpoint": str(run.path), "epoch": run.epoch, "split": args.split,
             "loss": args.loss or run.config.loss, "dtype": args.dtype, "seed": args.seed,
-            "probes": args.probes, "steps": args.steps,
+            "probes": args.probes, "steps": args.steps, "params": args.params,
             "classes": {label: run.classes(label) for label in densities}}
     title = f"{run.run_dir.name} epoch {run.epoch}: Hessian spectral density ({args.split})"
     from landscape._distributed import is_writer

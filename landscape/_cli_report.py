@@ -115,9 +115,14 @@ def _write(report, out: Path) -> None:
 def run_report(args) -> int:
     from landscape.report import build_report
 
+    from landscape.report.build import training_notices
+
     settings = _settings(args)
-    report = build_report(_runs_only(args.run_dirs), settings, device=args.device,
-                          progress=_progress(args), cache=not args.no_cache)
+    runs = _runs_only(args.run_dirs)
+    for notice in training_notices(runs):  # a run being trained is read as it stands
+        print(notice, file=sys.stderr)
+    report = build_report(runs, settings, device=args.device, progress=_progress(args),
+                          cache=not args.no_cache)
     _write(report, Path(args.out))
     return 0
 

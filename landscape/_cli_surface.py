@@ -247,6 +247,17 @@ def _default_out(run, args) -> Path:
 
 
 def run(args) -> int:
+    """A surface written into the run folder (the default ``--out``) holds the folder's lock
+    while it works (landscape.load.writing_into); one written elsewhere does not."""
+    if args.out is not None:
+        return _run(args)
+    from landscape.load import writing_into
+
+    with writing_into(args.checkpoint, "landscape surface"):
+        return _run(args)
+
+
+def _run(args) -> int:
     from landscape.load import load
     from landscape.surface import Surface, compute_surface
 

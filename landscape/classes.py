@@ -39,6 +39,7 @@ from landscape import _distributed
 from landscape.eigen import extreme_eigenpairs, saddle_ratio
 from landscape.errors import AnalysisError
 from landscape.hvp import GroupHessian
+from landscape.layout import ParamLayout, parse_patterns
 from landscape.load import Run
 from landscape.slq import SpectralDensity, gaussian_density, slq
 from landscape.traces import hutchpp_trace
@@ -60,6 +61,8 @@ class SweepSettings:
         trace_hvps: Hessian-vector products of each Hutch++ trace.
         density: whether the SLQ densities were estimated.
         probes: SLQ probes.
+        params: the parameter globs of a Hessian block (``None``: every parameter;
+            :class:`landscape.hvp.GroupHessian`), parsed to a tuple.
     """
 
     steps: int = 100
@@ -70,8 +73,11 @@ class SweepSettings:
     trace_hvps: int = 99
     density: bool = False
     probes: int = 10
+    params: Optional[tuple[str, ...]] = None
 
     def __post_init__(self) -> None:
+        if self.params is not None:
+            object.__setattr__(self, "params", parse_patterns(self.params))
         for name, low in (("steps", 1), ("trace_hvps", 3), ("probes", 1), ("seed", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -204,7 +210,7 @@ def _class_result(run: Run, class_id: int, settings: SweepSettings, cache: bool,
     def op() -> GroupHessian:  # built on first use: a fully cached class builds nothing
         if not made:
             made.append(GroupHessian(run.model, run.loss_fn(), x, y, batch_size=batch_size,
-                                     dtype=torch.float64, progress=progress))
+                                     dtype=torch.float64, progress=progress, params=s.params))
         return made[0]
 
     def extremes():
@@ -222,7 +228,8 @@ def _class_result(run: Run, class_id: int, settings: SweepSettings, cache: bool,
 
     name = f"class_{class_id}"
     key = {"kind": "class-extremes", "class": class_id, "split": s.split, "samples": s.samples,
-           "n_samples": len(y), "loss": run.config.loss, "seed": s.seed, "dtype": "float64"}
+           "n_samples": len(y), "loss": run.config.loss, "seed": s.seed, "dtype": "float64",
+           **({} if s.params is None else {"params": list(s.params)})}
     found = cached_entry(run, name, {**key, "steps": s.steps, "tol": s.tol}, extremes, cache)
     found.update(cached_entry(run, name, {**key, "kind": "class-trace", "method": "hutch++",
                                           "hvps": s.trace_hvps}, trace, cache))
@@ -243,14 +250,15 @@ def class_sweep(run: Run, classes: Union[str, Sequence[int]] = "all", *, steps: 
                 tol: float = 1e-4, seed: int = 0, samples: Optional[int] = None,
                 split: str = "train", trace_hvps: int = 99, density: bool = False,
                 probes: int = 10, cache: bool = True, batch_size: Optional[int] = None,
-                progress: Optional[Callable[[int], object]] = None) -> ClassSweep:
+                progress: Optional[Callable[[int], object]] = None,
+                params=None) -> ClassSweep:
     """The per-class sweep of ``run``'s checkpoint (module docstring).
 
     Args:
         run: a loaded checkpoint (:func:`landscape.load`).
         classes: ``"all"``, ``"0,3,7"`` or a list of class ids.
-        steps, tol, seed, samples, split, trace_hvps, density, probes: see
-            :class:`SweepSettings`.
+        steps, tol, seed, samples, split, trace_hvps, density, probes, params: see
+            :class:`SweepSettings` (``params``: globs, ``"layer4.*,fc.*"`` or a list).
         cache: read and write ``RUN_DIR/hessian/epoch_NNNN_class_C.json``.
         batch_size: samples per forward pass (results do not depend on it).
         progress: called with the number of HVPs after each product.
@@ -260,7 +268,10 @@ def class_sweep(run: Run, classes: Union[str, Sequence[int]] = "all", *, steps: 
         AnalysisError: bad settings.
     """
     settings = SweepSettings(steps=steps, tol=tol, seed=seed, samples=samples, split=split,
-                             trace_hvps=trace_hvps, density=density, probes=probes)
+                             trace_hvps=trace_hvps, density=density, probes=probes,
+                             params=params)
+    if params is not None:
+        ParamLayout.of(run.model).select(settings.params)  # matches nothing: fail at once
     ids = parse_classes(run, classes)
     for class_id in ids:  # every class resolves before any Hessian work
         run.group_data([class_id], split)

@@ -178,9 +178,10 @@ def _fix_sign(vector: torch.Tensor) -> torch.Tensor:
 
 def eigen_directions(run, group: str, top: int = 1, bottom: int = 1, seed: int = 0,
                      max_steps: Optional[int] = None, tol: Optional[float] = None,
-                     split: str = "train") -> tuple[Direction, ...]:
+                     split: str = "train", params=None) -> tuple[Direction, ...]:
     """Unit eigenvectors of the Hessian of ``group``'s mean loss: the ``top`` largest, then the
-    ``bottom`` smallest (algebraically: negative eigenvalues at a saddle).
+    ``bottom`` smallest (algebraically: negative eigenvalues at a saddle); with ``params``
+    (globs, :class:`landscape.hvp.GroupHessian`) those of that Hessian block, zero elsewhere.
 
     The vectors are not rescaled: a step of 1 moves the weights by 1 in Euclidean norm, and
     along a direction the surface's curvature at the centre is the eigenvalue
@@ -198,7 +199,7 @@ def eigen_directions(run, group: str, top: int = 1, bottom: int = 1, seed: int =
     from landscape.hvp import GroupHessian
     from landscape.eigen import extreme_eigenpairs
 
-    op = GroupHessian.from_run(run, group, split=split)
+    op = GroupHessian.from_run(run, group, split=split, params=params)
     options: dict[str, Any] = {}
     if max_steps is not None:
         options["max_steps"] = int(max_steps)
@@ -210,14 +211,15 @@ def eigen_directions(run, group: str, top: int = 1, bottom: int = 1, seed: int =
         raise AnalysisError(str(error)) from None
     base = {"group": group if isinstance(group, str) else ",".join(map(str, group)),
             "split": split, "seed": int(seed), "max_steps": max_steps, "tol": tol,
-            "loss": op.loss_name, "lanczos_steps": int(result.steps)}
+            "loss": op.loss_name, "lanczos_steps": int(result.steps),
+            **({} if params is None else {"params": list(op.param_patterns)})}
     directions = []
     for end, values, vectors, residuals in (
             ("top", result.top, result.top_vectors, result.top_residuals),
             ("bottom", result.bottom, result.bottom_vectors, result.bottom_residuals)):
         for rank in range(len(values)):
             v = torch.as_tensor(vectors[rank]).to("cpu", torch.float64)
-            v = _fix_sign(v / v.norm())
+            v = _fix_sign(op.full_layout.embed(op.layout, v / v.norm()))
             recipe = {**base, "end": end, "rank": rank, "eigenvalue": float(values[rank]),
                       "residual": float(residuals[rank])}
             directions.append(Direction(v.float(), "eigen", recipe))

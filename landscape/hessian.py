@@ -34,6 +34,7 @@ import torch
 
 from landscape.errors import AnalysisError
 from landscape.hvp import DEFAULT_METHOD, GroupHessian
+from landscape.layout import Patterns
 from landscape.eigen import EigenResult, extreme_eigenpairs
 from landscape.load import Group, Run
 from landscape.slq import SpectralDensity, slq
@@ -68,6 +69,7 @@ class Provenance:
         tol: Lanczos's relative residual tolerance.
         hvps: Hessian-vector products spent in all.
         seconds: wall time.
+        params: the ``params`` patterns of a Hessian block (``None``: every parameter).
     """
 
     group: str
@@ -83,6 +85,7 @@ class Provenance:
     tol: float
     hvps: int
     seconds: float
+    params: Optional[tuple[str, ...]] = None
 
 
 @dataclass(frozen=True)
@@ -129,7 +132,7 @@ class HessianSummary:
 
         * provenance: ``group``, ``classes``, ``n_samples``, ``loss``, ``split``,
           ``checkpoint``, ``epoch``, ``n_params``, ``dtype``, ``seed``, ``tol``, ``hvps``,
-          ``seconds``;
+          ``seconds``, ``params`` (the patterns of a Hessian block; ``null``: all);
         * eigenpairs: ``top``, ``bottom``, ``residuals`` (``{"top": [...], "bottom": [...]}``),
           ``converged``, ``reason`` (why not converged; ``null`` when converged),
           ``residual_tol`` (the absolute threshold), ``lanczos_steps``, and
@@ -141,6 +144,7 @@ class HessianSummary:
         eig, trace = self.eigen, self.trace
         return {
             **asdict(self.provenance), "classes": list(self.provenance.classes),
+            "params": None if self.provenance.params is None else list(self.provenance.params),
             "top": list(self.top), "bottom": list(self.bottom), "residuals": self.residuals,
             "converged": self.converged, "ratio": None if math.isnan(self.ratio) else self.ratio,
             "residual_tol": 0.0 if eig is None else float(eig.tolerance),
@@ -168,7 +172,8 @@ def hessian_summary(run: Run, group: Group, top: int = 1, bottom: int = 1, trace
                     batch_size: Optional[int] = None, dtype: torch.dtype = torch.float64,
                     tol: float = 1e-6, max_steps: int = 300, trace_method: str = "hutch++",
                     trace_hvps: int = 99, method: str = DEFAULT_METHOD,
-                    progress: Optional[Callable[[int], object]] = None) -> HessianSummary:
+                    progress: Optional[Callable[[int], object]] = None,
+                    params: Optional[Patterns] = None) -> HessianSummary:
     """The ``top`` largest and ``bottom`` smallest Hessian eigenvalues of ``group``'s mean loss
     (one Lanczos run), the saddle ratio ``lambda_min / lambda_max`` and, with ``trace``, a
     Hutch++ (or Hutchinson) trace estimate with its standard error.
@@ -189,9 +194,12 @@ def hessian_summary(run: Run, group: Group, top: int = 1, bottom: int = 1, trace
         trace_hvps: HVPs spent on the trace.
         method: the HVP method (:data:`landscape.hvp.HVP_METHODS`).
         progress: called with the number of HVPs done after each product (e.g. ``tqdm.update``).
+        params: ``fnmatch`` patterns (``"layer4.*,fc.*"`` or a list): the Hessian block of those
+            parameters, the others fixed (:class:`landscape.hvp.GroupHessian`).
 
     Raises:
-        AnalysisError: ``k`` larger than the parameter count, bad numbers.
+        AnalysisError: ``k`` larger than the parameter count, bad numbers, ``params`` matching
+            no parameter.
         GroupError: unknown group, class id or empty group.
     """
     began = time.perf_counter()
@@ -201,7 +209,7 @@ def hessian_summary(run: Run, group: Group, top: int = 1, bottom: int = 1, trace
     if not tol > 0 or int(max_steps) < 1 or int(trace_hvps) < 3:
         raise AnalysisError("tol must be > 0, max_steps >= 1 and trace HVPs >= 3")
     op = GroupHessian.from_run(run, group, split=split, loss=loss, batch_size=batch_size,
-                               dtype=dtype, method=method, progress=progress)
+                               dtype=dtype, method=method, progress=progress, params=params)
     top = _check_k("top", top, op.n_params)
     bottom = _check_k("bottom", bottom, op.n_params)
     eigen = None
@@ -217,7 +225,8 @@ def hessian_summary(run: Run, group: Group, top: int = 1, bottom: int = 1, trace
         group=group_label(group), classes=tuple(op.classes or ()), n_samples=op.n_samples,
         loss=op.loss_name or "", split=split, checkpoint=str(run.path), epoch=int(run.epoch),
         n_params=op.n_params, dtype=str(dtype).replace("torch.", ""), seed=int(seed),
-        tol=float(tol), hvps=op.hvps, seconds=time.perf_counter() - began)
+        tol=float(tol), hvps=op.hvps, seconds=time.perf_counter() - began,
+        params=op.param_patterns)
     return HessianSummary(eigen, estimate, provenance, loss_value)
 
 
@@ -225,10 +234,11 @@ def spectral_densities(run: Run, groups: Sequence[Group], probes: int = 10, step
                        seed: int = 0, split: str = "train", loss: Optional[str] = None,
                        batch_size: Optional[int] = None, dtype: torch.dtype = torch.float64,
                        probe_batch: Optional[int] = None, method: str = DEFAULT_METHOD,
-                       progress: Optional[Callable[[int], object]] = None
-                       ) -> dict[str, SpectralDensity]:
+                       progress: Optional[Callable[[int], object]] = None,
+                       params: Optional[Patterns] = None) -> dict[str, SpectralDensity]:
     """SLQ spectral densities (:func:`landscape.slq.slq`) of several groups' Hessians, keyed
-    by :func:`group_label`. Every group uses the same ``seed`` (the same probes).
+    by :func:`group_label`. Every group uses the same ``seed`` (the same probes); ``params``:
+    the Hessian block of those parameters (as :func:`hessian_summary`).
 
     Every group is resolved before any Hessian work, so a bad group fails at once.
     """
@@ -241,7 +251,8 @@ def spectral_densities(run: Run, groups: Sequence[Group], probes: int = 10, step
     out = {}
     for group in groups:
         op = GroupHessian.from_run(run, group, split=split, loss=loss, batch_size=batch_size,
-                                   dtype=dtype, method=method, progress=progress)
+                                   dtype=dtype, method=method, progress=progress,
+                                   params=params)
         out[group_label(group)] = slq(op, probes=int(probes), steps=int(steps), seed=seed,
                                       probe_batch=probe_batch)
     return out

@@ -13,7 +13,11 @@ processed in batches ``B_1, ..., B_b``; each batch contributes
 floating-point rounding).
 
 Vectors are flat, in the layout of :class:`landscape.layout.ParamLayout` (the trainable
-parameters of ``model.named_parameters()`` in that order, each flattened).
+parameters of ``model.named_parameters()`` in that order, each flattened). With ``params``
+(``fnmatch`` globs on the names, e.g. ``"layer4.*,fc.*"``), the operator is the block
+:math:`H_{SS} = \nabla^2_{w_S} L_G(w)` of the selected parameters :math:`S`, every other
+parameter fixed at its value; its vectors are in the selection's layout (``layout``,
+:meth:`landscape.layout.ParamLayout.select`; ``full_layout.embed`` places them in the whole).
 
 How the HVP is computed (``method``; ``bench/bench_hessian.py`` compares them, figures in
 BENCHMARKS.md, "Hessian analysis"):
@@ -34,6 +38,8 @@ batch's gradient graph between products (``cache_graph``).
 >>> op = GroupHessian(model, torch.nn.CrossEntropyLoss(reduction="none"), x, y)
 >>> op.n_params, tuple(op.matmat(torch.eye(op.n_params, dtype=torch.float64)).shape), op.hvps
 (8, (8, 8), 8)
+>>> GroupHessian(model, torch.nn.CrossEntropyLoss(reduction="none"), x, y, params="bias").n_params
+2
 """
 
 from __future__ import annotations
@@ -49,7 +55,7 @@ from scipy.sparse.linalg import LinearOperator
 from torch.func import functional_call
 
 from landscape import _distributed
-from landscape.layout import ParamLayout
+from landscape.layout import ParamLayout, Patterns, parse_patterns
 
 __all__ = ["GroupHessian", "HVP_METHODS", "DEFAULT_METHOD", "default_batch_size"]
 
@@ -92,11 +98,16 @@ class GroupHessian:
             instead of a forward and two backward passes. The graph is what one product holds at
             its peak anyway, so this costs no extra peak memory; with several batches it would
             (every batch's graph), and it is not done. Default True.
+        params: ``fnmatch`` patterns (a comma-separated string or a list) of the parameters
+            whose Hessian block is wanted; the others stay fixed (default: all of them).
 
     The weights are those of ``model`` at construction (``params``; not to be reassigned once
     products have been taken, as a cached graph would keep the old ones).
 
     Attributes:
+        layout: the layout of the operator's vectors (the selection with ``params``).
+        full_layout: the layout of all the model's trainable parameters.
+        param_patterns: the ``params`` patterns, parsed (``None``: all parameters).
         n_params: length of the flat parameter vector.
         n_samples: ``N``, the number of samples averaged over.
         hvps: Hessian-vector products computed so far (a block of ``k`` vectors counts ``k``).
@@ -106,7 +117,7 @@ class GroupHessian:
                  targets: torch.Tensor, *, batch_size: Optional[int] = None,
                  dtype: torch.dtype = torch.float64, method: str = DEFAULT_METHOD,
                  progress: Optional[Callable[[int], object]] = None,
-                 cache_graph: bool = True):
+                 cache_graph: bool = True, params: Optional[Patterns] = None):
         if method not in HVP_METHODS:
             raise ValueError(f"unknown HVP method {method!r} "
                              f"(choose from {', '.join(HVP_METHODS)})")
@@ -122,7 +133,11 @@ class GroupHessian:
         # A private copy: casting to float64 and eval mode must not change the caller's model.
         self._model = copy.deepcopy(model).to(dtype=dtype).eval()
         self.device = next(iter(self._model.parameters())).device
-        self.layout = ParamLayout.of(self._model)
+        self.full_layout = ParamLayout.of(self._model)
+        self.layout = self.full_layout if params is None else self.full_layout.select(params)
+        self.param_patterns = None if params is None else parse_patterns(params)
+        for name, p in self._model.named_parameters():  # the fixed ones: no gradient graph
+            p.requires_grad_(name in self.layout.names)
         self.params = [p.detach() for p in self.layout.parameters(self._model)]
         self.buffers = {name: b for name, b in self._model.named_buffers()}
         self.n_params = self.layout.n
@@ -145,13 +160,15 @@ class GroupHessian:
                  batch_size: Optional[int] = None, dtype: Optional[torch.dtype] = None,
                  method: str = DEFAULT_METHOD,
                  progress: Optional[Callable[[int], object]] = None,
-                 cache_graph: bool = True) -> "GroupHessian":
+                 cache_graph: bool = True, params: Optional[Patterns] = None
+                 ) -> "GroupHessian":
         """The operator of ``run``'s loss restricted to ``group`` (``head``, ``tail``, ``all`` or
-        class ids) over every ``split`` sample of the group; ``loss`` defaults to the run's."""
+        class ids) over every ``split`` sample of the group; ``loss`` defaults to the run's;
+        ``params`` selects a Hessian block (see the class)."""
         inputs, targets = run.group_data(group, split)
         op = cls(run.model, run.loss_fn(loss), inputs, targets, batch_size=batch_size,
                  dtype=dtype or torch.float64, method=method, progress=progress,
-                 cache_graph=cache_graph)
+                 cache_graph=cache_graph, params=params)
         op.classes = run.classes(group)
         op.loss_name = loss or run.config.loss
         return op

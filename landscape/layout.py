@@ -18,17 +18,48 @@ may carry leading batch dimensions, ``(..., n)``.
 [(5, 2, 3), (5, 2), (5, 1, 2), (5, 1)]
 >>> torch.equal(layout.unflatten(w)[2], model[1].weight)
 True
+
+A *selection* (``select``: ``fnmatch`` patterns on the names) is the layout of a subset of the
+parameters, in the same order; ``positions`` places its flat vectors inside the whole layout's,
+and ``blocks`` names the top-level modules that hold parameters:
+
+>>> sub = layout.select("1.*")
+>>> sub.names, sub.n, layout.positions(sub).tolist()
+(('1.weight', '1.bias'), 3, [8, 9, 10])
+>>> layout.embed(sub, torch.ones(3)).tolist()
+[0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0]
+>>> layout.blocks()
+{'0': ('0.*',), '1': ('1.*',)}
 """
 
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Optional, Sequence
+from typing import Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 
-__all__ = ["ParamLayout"]
+from landscape.errors import AnalysisError
+
+__all__ = ["ParamLayout", "parse_patterns"]
+
+Patterns = Union[str, Sequence[str]]
+
+
+def parse_patterns(patterns: Patterns) -> tuple[str, ...]:
+    """``"layer4.*,fc.*"`` or ``["layer4.*", "fc.*"]`` -> ``("layer4.*", "fc.*")``.
+
+    Raises:
+        AnalysisError: no pattern, or an empty one (``"fc.*,"``).
+    """
+    items = patterns.split(",") if isinstance(patterns, str) else list(patterns)
+    items = [str(item).strip() for item in items]
+    if not items or not all(items):
+        raise AnalysisError(f"params {patterns!r}: an empty pattern (give globs such as "
+                            "layer4.*,fc.*)")
+    return tuple(items)
 
 
 @dataclass(frozen=True)
@@ -66,6 +97,49 @@ class ParamLayout:
     def n(self) -> int:
         """Length of a flat vector."""
         return sum(self.sizes)
+
+    def select(self, patterns: Patterns) -> "ParamLayout":
+        """The layout of the parameters whose names match any of ``patterns``
+        (:func:`parse_patterns`; ``fnmatch`` globs, case-sensitive: ``*`` also matches dots),
+        in this layout's order.
+
+        Raises:
+            AnalysisError: a bad pattern list, or no parameter matches (the message lists the
+                top-level blocks there are).
+        """
+        wanted = parse_patterns(patterns)
+        keep = [i for i, name in enumerate(self.names)
+                if any(fnmatch.fnmatchcase(name, pattern) for pattern in wanted)]
+        if not keep:
+            raise AnalysisError(f"params {','.join(wanted)}: no parameter matches (top-level "
+                                f"blocks: {', '.join(self.blocks()) or 'none'})")
+        return ParamLayout(tuple(self.names[i] for i in keep), tuple(self.shapes[i] for i in keep))
+
+    def positions(self, sub: "ParamLayout") -> torch.Tensor:
+        """Indices of ``sub``'s flat entries in this layout's flat vector (``sub`` a
+        :meth:`select` of this layout)."""
+        where = dict(zip(self.names, zip(self.offsets, self.sizes)))
+        missing = [name for name in sub.names if name not in where]
+        if missing:
+            raise ValueError(f"parameter {missing[0]!r} is not in the layout")
+        return torch.cat([torch.arange(where[name][0], where[name][0] + where[name][1])
+                          for name in sub.names])
+
+    def embed(self, sub: "ParamLayout", flat: torch.Tensor) -> torch.Tensor:
+        """``sub``'s flat vector(s) ``(..., sub.n)`` -> this layout's, zero elsewhere."""
+        out = flat.new_zeros(*flat.shape[:-1], self.n)
+        out[..., self.positions(sub).to(flat.device)] = flat
+        return out
+
+    def blocks(self) -> dict[str, tuple[str, ...]]:
+        """``{block: patterns}`` of the top-level blocks holding parameters, in order: a
+        top-level module ``name`` gives ``("name.*",)``, a parameter of the root module its own
+        name."""
+        out: dict[str, tuple[str, ...]] = {}
+        for name in self.names:
+            head, dot, _ = name.partition(".")
+            out.setdefault(head, (f"{head}.*",) if dot else (name,))
+        return out
 
     def parameters(self, model: nn.Module) -> list[nn.Parameter]:
         """``model``'s parameters in this layout's order (checked against its names)."""

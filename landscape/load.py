@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -30,7 +31,7 @@ from train.io import summarize
 from train.losses import build_loss
 from train.models import build_model
 
-__all__ = ["Run", "load", "GroupError", "Group"]
+__all__ = ["Run", "load", "GroupError", "Group", "writing_into"]
 
 Group = Union[str, Sequence[int]]
 
@@ -137,6 +138,35 @@ class Run:
             order = torch.randperm(len(keep), generator=torch.Generator().manual_seed(seed))
             keep = keep[order[:samples].sort().values.to(keep.device)]
         return normalize(x[keep], data.spec), y[keep]
+
+
+@contextlib.contextmanager
+def writing_into(path: Union[str, Path], what: str):
+    """Holds the lock of the run folder of ``path`` (a checkpoint or a run folder) while an
+    analysis writes its outputs into that folder (a surface's default ``RUN/surface/...``):
+    one writer per run folder (:class:`train.run_folder.RunLock`). Under torchrun only rank 0,
+    the one that writes, takes it.
+
+    Raises:
+        train.checkpoint.CheckpointError: another live process (a trainer) holds the lock; the
+            message names it.
+    """
+    from landscape._distributed import is_writer
+    from train.run_folder import RunBusy, RunLock
+
+    path = Path(path)
+    run_dir = path if path.is_dir() else path.parent
+    if not is_writer():
+        yield
+        return
+    try:
+        lock = RunLock(run_dir, what).acquire()
+    except RunBusy as error:
+        raise ckpt.CheckpointError(f"{error}; or write elsewhere with --out") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _check_finite(model: nn.Module, path: Path) -> None:

@@ -14,10 +14,27 @@ from landscape.report.settings import DEFAULT_SETTINGS, ReportSettings
 from train import checkpoint as ckpt
 from train.io import summarize
 from train.options import OPTIMIZER_LABELS
+from train.run_folder import owner
 
-__all__ = ["check_runs", "select_checkpoints", "build_report"]
+__all__ = ["check_runs", "select_checkpoints", "build_report", "training_notices"]
 
 PathLike = Union[str, Path]
+
+
+def training_notices(run_dirs: Sequence[PathLike]) -> list[str]:
+    """One line for each run a live process is writing (:func:`train.run_folder.owner`):
+    reading it is fine (every file is written whole); the report uses its checkpoints so far
+    and writes no cache into it (:mod:`landscape.report.cache`)."""
+    notices = []
+    for run_dir in run_dirs:
+        who = owner(run_dir)
+        if who is None:
+            continue
+        what, _, whom = who.partition(", ")
+        doing = f"being trained by {whom}" if what == "training" and whom else f"in use by {who}"
+        notices.append(f"{run_dir} is {doing}; using its checkpoints so far (no cache is "
+                       "written there)")
+    return notices
 
 
 def check_runs(run_dirs: Sequence[PathLike]) -> list[tuple[Path, dict]]:

@@ -6,6 +6,12 @@ manifest); the densities go to ``RUN_DIR/hessian/epoch_NNNN_GROUP_slq_KEY.npz``.
 computed before with the same settings is read back, never recomputed; a damaged or foreign
 file is recomputed (and rewritten), never trusted.
 
+One writer per run folder: each cache write takes the run folder's lock
+(:class:`train.run_folder.RunLock`) for the moment of the write, which also keeps two reports
+from losing each other's entries. When another process holds it (a trainer writing the run, or
+another analysis writing its caches) the result is returned and not written: nothing of an
+analysis lands in a folder while a trainer writes it, and the next report computes it again.
+
 >>> import landscape
 >>> run = landscape.load(run_dir, device="cpu")
 >>> found = group_indicators(run, "tail", ReportSettings(steps=40, tol=1e-6))
@@ -15,6 +21,7 @@ file is recomputed (and rewritten), never trusted.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -28,6 +35,7 @@ from landscape.report.results import GroupIndicators
 from landscape.report.settings import DEFAULT_SETTINGS, ReportSettings
 from train import checkpoint as ckpt
 from train.io import atomic_write_bytes, atomic_write_json
+from train.run_folder import RunBusy, RunLock
 
 __all__ = ["group_indicators", "group_density", "cached_entry", "CACHE_FORMAT"]
 
@@ -60,6 +68,21 @@ def _key_id(key: Mapping[str, Any]) -> str:
 
 def _cache_folder(run) -> Path:
     return run.run_dir / "hessian"
+
+
+@contextlib.contextmanager
+def _writing(run):
+    """Holds the run folder's lock while the block writes; yields False (write nothing) when
+    another process holds it."""
+    try:
+        lock = RunLock(run.run_dir, "landscape report cache").acquire()
+    except RunBusy:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        lock.release()
 
 
 def _read_entries(path: Path) -> dict:
@@ -110,11 +133,14 @@ def cached_entry(run, name: str, key: Mapping[str, Any],
     if key_id in entries and entries[key_id].get("key") == key:
         return entries[key_id]["result"]
     result, extra = compute()
-    if cache:
-        path.parent.mkdir(exist_ok=True)
-        entries = _read_entries(path)  # re-read: another process may have added entries
-        entries[key_id] = {"key": key, "result": result, **extra}
-        atomic_write_json(path, {"format": CACHE_FORMAT, "entries": entries})
+    if not cache:
+        return result
+    with _writing(run) as allowed:
+        if allowed:
+            path.parent.mkdir(exist_ok=True)
+            entries = _read_entries(path)  # re-read: another process may have added entries
+            entries[key_id] = {"key": key, "result": result, **extra}
+            atomic_write_json(path, {"format": CACHE_FORMAT, "entries": entries})
     return result
 
 
@@ -135,10 +161,13 @@ def group_density(run, group: str, settings: ReportSettings = DEFAULT_SETTINGS,
             pass  # damaged: recompute
     density = spectral_densities(run, [group], probes=settings.probes, steps=settings.steps,
                                  seed=settings.seed, split=settings.split)[group]
-    if cache:
-        path.parent.mkdir(exist_ok=True)
-        buffer = io.BytesIO()
-        np.savez(buffer, grid=density.grid, density=density.density, nodes=density.nodes,
-                 weights=density.weights, key=np.array(json.dumps(key, sort_keys=True)))
-        atomic_write_bytes(path, buffer.getvalue())
+    if not cache:
+        return density.grid, density.density
+    buffer = io.BytesIO()
+    np.savez(buffer, grid=density.grid, density=density.density, nodes=density.nodes,
+             weights=density.weights, key=np.array(json.dumps(key, sort_keys=True)))
+    with _writing(run) as allowed:
+        if allowed:
+            path.parent.mkdir(exist_ok=True)
+            atomic_write_bytes(path, buffer.getvalue())
     return density.grid, density.density
