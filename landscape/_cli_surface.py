@@ -85,6 +85,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max_steps", type=int, help="Lanczos steps at most (eigen)")
     p.add_argument("--tol", type=float, help="Lanczos relative residual tolerance (eigen)")
     p.add_argument("--to", metavar="CKPT", help="end checkpoint of --directions interp")
+    p.add_argument("--params", metavar="PATTERN[,PATTERN]",
+                   help="random / eigen: move only the parameters matching these globs (e.g. "
+                        "layer4.*,fc.*; eigen: that Hessian block's eigenvectors) [all]")
     p.add_argument("--no_states", action="store_true",
                    help="interp: keep the start's BatchNorm running statistics all along the "
                         "line [moved with the weights, so both ends are the checkpoints]")
@@ -130,6 +133,8 @@ def _check_args(args) -> None:
         raise AnalysisError("--to and --no_states are only used with --directions interp")
     if args.ignore is not None and args.directions != "pca":
         raise AnalysisError("--ignore is only used with --directions pca")
+    if args.params is not None and args.directions not in ("random", "eigen"):
+        raise AnalysisError("--params is only used with --directions random or eigen")
     if args.directions == "pca" and args.dim == 1:
         raise AnalysisError("--directions pca gives a 2-D plane; drop --dim 1")
     if args.batch_size is not None and args.batch_size < 1:
@@ -173,7 +178,7 @@ def _check_files(args) -> None:
 def _request(args) -> dict:
     """The command's settings that define the directions (resuming reuses stored ones)."""
     keys = ("directions", "dim", "seed", "normalization", "one_d", "eigen_group", "max_steps",
-            "tol", "to", "split", "loss", "no_states", "ignore")
+            "tol", "to", "split", "loss", "params", "no_states", "ignore")
     return {k: getattr(args, k) for k in keys}
 
 
@@ -191,10 +196,13 @@ def _directions(args, run, groups, stored):
         dim = len(found)
     elif args.directions == "random":
         found = dirs.random_directions(run.model, dim, args.seed, args.normalization, args.one_d)
+        if args.params is not None:  # the same draws, zero outside the selected parameters
+            found = _restricted(found, run.model, args.params)
     elif args.directions == "eigen":
         found = dirs.eigen_directions(run, args.eigen_group or groups[0], top=1,
                                       bottom=1 if dim == 2 else 0, seed=args.seed,
-                                      max_steps=args.max_steps, tol=args.tol, split=args.split)
+                                      max_steps=args.max_steps, tol=args.tol, split=args.split,
+                                      params=args.params)
     elif args.directions == "pca":
         pca = dirs.trajectory_pca(run, count=2, ignore=args.ignore)
         found = pca.directions
@@ -228,6 +236,20 @@ def _directions(args, run, groups, stored):
         alphas = interpolation_axis(args.grid)
     betas = grid_axis(args.grid, low, high) if dim == 2 else None
     return found, alphas, betas, trajectory
+
+
+def _restricted(found, model, params):
+    """``found`` with every entry outside the parameters ``params`` selects set to 0."""
+    import dataclasses
+
+    from landscape.layout import ParamLayout, parse_patterns
+
+    layout = ParamLayout.of(model)
+    sub = layout.select(params)
+    keep = layout.positions(sub)
+    return tuple(dataclasses.replace(d, vector=layout.embed(sub, d.vector[keep]),
+                                     recipe={**d.recipe, "params": list(parse_patterns(params))})
+                 for d in found)
 
 
 def _file_directions(path: str, run, dim):
