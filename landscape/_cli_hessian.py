@@ -40,8 +40,10 @@ def _common(p) -> None:
                    help="the group's samples, not augmented [train]")
     p.add_argument("--loss", choices=("CE", "LDAM", "VS", "LA"),
                    help="per-sample loss [the run's own]")
-    p.add_argument("--dtype", choices=("float64", "float32"), default="float64",
-                   help="dtype of the Hessian-vector products [float64]")
+    p.add_argument("--dtype", choices=("auto", "float64", "float32"), default="auto",
+                   help="dtype of the Hessian-vector products; auto: float64 up to 50,000 "
+                        "parameters, float32 above (landscape.hessian.analysis_dtype; the "
+                        "Lanczos recurrence is float64 either way) [auto]")
     p.add_argument("--batch_size", type=int,
                    help="samples per forward pass; results do not depend on it "
                         "[GPU: all, halved on out-of-memory; CPU: at most 1024]")
@@ -83,7 +85,8 @@ def add_parser(subparsers) -> None:
     s.add_argument("--probes", type=int, default=10, help="random probes per group [10]")
     s.add_argument("--steps", type=int, default=90, help="Lanczos steps per probe [90]")
     s.add_argument("--probe_batch", type=int,
-                   help="probes multiplied together in one block product [all]")
+                   help="probes multiplied together in one block product [all on a CPU up "
+                        "to 2,000 parameters, else 1: landscape.slq.default_probe_batch]")
     s.add_argument("--out", required=True, help="output folder (created if missing)")
     s.set_defaults(run=run_spectrum)
 
@@ -104,7 +107,7 @@ def _progress_bar(args, total: int, what: str):
 
 
 def run_hessian(args) -> int:
-    from landscape.hessian import DTYPES, hessian_summary, summary_json_text
+    from landscape.hessian import hessian_summary, summary_json_text
     from landscape.load import load
     from train.io import atomic_write_bytes
 
@@ -137,9 +140,10 @@ def run_hessian(args) -> int:
         summary = hessian_summary(
             run, args.group, top=args.top, bottom=args.bottom, trace=args.trace, seed=args.seed,
             split=args.split, loss=args.loss, batch_size=args.batch_size,
-            dtype=DTYPES[args.dtype], tol=args.tol, max_steps=args.max_steps,
+            dtype=args.dtype, tol=args.tol, max_steps=args.max_steps,
             trace_method=args.trace_method, trace_hvps=args.trace_hvps,
-            progress=bar.update if bar else None, params=args.params)
+            progress=bar.update if bar else None, params=args.params,
+            planned=(lambda hvps: _retotal(bar, hvps)) if bar else None)
     finally:
         if bar is not None:
             bar.close()
@@ -161,6 +165,12 @@ def run_hessian(args) -> int:
     if not summary.converged:
         print(f"warning: not converged: {summary.eigen.reason}", file=sys.stderr)
     return 0
+
+
+def _retotal(bar, hvps: int) -> None:
+    """The bar's total becomes the HVPs really planned once Lanczos has stopped."""
+    bar.total = hvps
+    bar.refresh()
 
 
 def _selected_count(run, params) -> int:
@@ -185,7 +195,7 @@ def _run_per_layer(args, run) -> int:
     import json
 
     from landscape._distributed import is_writer
-    from landscape.hessian import DTYPES
+    from landscape.hessian import analysis_dtype
     from landscape.layout import ParamLayout
     from landscape.per_layer import per_layer_sweep, write_per_layer_figures
     from train.io import atomic_write_bytes
@@ -195,7 +205,8 @@ def _run_per_layer(args, run) -> int:
     try:
         sweep = per_layer_sweep(run, args.group, seed=args.seed, split=args.split,
                                 loss=args.loss, batch_size=args.batch_size,
-                                dtype=DTYPES[args.dtype], tol=args.tol, max_steps=args.max_steps,
+                                dtype=analysis_dtype(args.dtype, _selected_count(run, None)),
+                                tol=args.tol, max_steps=args.max_steps,
                                 trace_hvps=args.trace_hvps, progress=bar.update if bar else None)
     finally:
         if bar is not None:
@@ -230,7 +241,7 @@ def _groups(text: str) -> list[str]:
 
 
 def run_spectrum(args) -> int:
-    from landscape.hessian import DTYPES, save_spectra, spectral_densities
+    from landscape.hessian import analysis_dtype, save_spectra, spectral_densities
     from landscape.load import load
 
     _check_positive(args, "batch_size", "probes", "steps", "probe_batch")
@@ -246,14 +257,15 @@ def run_spectrum(args) -> int:
     try:
         densities = spectral_densities(
             run, groups, probes=args.probes, steps=args.steps, seed=args.seed, split=args.split,
-            loss=args.loss, batch_size=args.batch_size, dtype=DTYPES[args.dtype],
+            loss=args.loss, batch_size=args.batch_size, dtype=args.dtype,
             probe_batch=args.probe_batch, progress=bar.update if bar else None,
             params=args.params)
     finally:
         if bar is not None:
             bar.close()
     meta = {"checkpoint": str(run.path), "epoch": run.epoch, "split": args.split,
-            "loss": args.loss or run.config.loss, "dtype": args.dtype, "seed": args.seed,
+            "loss": args.loss or run.config.loss, "seed": args.seed,
+            "dtype": str(analysis_dtype(args.dtype, _selected_count(run, args.params)))[6:],
             "probes": args.probes, "steps": args.steps, "params": args.params,
             "classes": {label: run.classes(label) for label in densities}}
     title = f"{run.run_dir.name} epoch {run.epoch}: Hessian spectral density ({args.split})"

@@ -39,6 +39,9 @@ def _add_report_options(p, threads: str = "torch's default") -> None:
                    help="the groups' samples [train]")
     p.add_argument("--groups", default="head,tail", help="groups compared [head,tail]")
     p.add_argument("--no_densities", action="store_true", help="skip the SLQ densities")
+    p.add_argument("--dtype", choices=("auto", "float64", "float32"), default="auto",
+                   help="dtype of the Hessian-vector products; auto: float64 up to 50,000 "
+                        "parameters, float32 above [auto]")
     p.add_argument("--classes", default="",
                    help="also the per-class sweep of the final checkpoints: all, or class ids "
                         "0,3,7 [none]")
@@ -73,7 +76,8 @@ def _settings(args):
     groups = tuple(g.strip() for g in args.groups.split(",") if g.strip())
     return ReportSettings(every=args.every, steps=args.steps, probes=args.probes, seed=args.seed,
                           tol=args.tol, split=args.split, groups=groups,
-                          densities=not args.no_densities, classes=args.classes)
+                          densities=not args.no_densities, classes=args.classes,
+                          dtype=args.dtype)
 
 
 def _set_threads(args, default=None) -> None:

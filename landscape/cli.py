@@ -22,7 +22,7 @@ import importlib
 import sys
 from typing import Optional, Sequence
 
-from train.cli_base import OneLineParser, UsageError, add_threads, one_line, set_threads
+from train.cli_base import OneLineParser, UsageError, add_threads, one_line, plain, set_threads
 
 __all__ = ["main", "UsageError", "SUBCOMMANDS"]
 
@@ -40,7 +40,8 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="python -m landscape", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="python -m landscape",
+                           description=plain(__doc__.split("\n\n")[0]))
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     for module_name in dict.fromkeys(SUBCOMMANDS.values()):  # each module once, in order
         try:
@@ -53,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     for sub in subparsers.choices.values():  # --threads on every subcommand
         if not any("--threads" in action.option_strings for action in sub._actions):
             add_threads(sub)
+        sub.description = plain(sub.description)  # the modules' docstrings, without RST
+        for action in sub._actions:
+            action.help = plain(action.help)
     return parser
 
 

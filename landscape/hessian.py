@@ -41,10 +41,40 @@ from landscape.slq import SpectralDensity, slq
 from landscape.traces import TraceEstimate, hutchinson_trace, hutchpp_trace
 
 __all__ = ["HessianSummary", "Provenance", "hessian_summary", "spectral_densities", "save_spectra",
-           "group_label", "TRACE_METHODS", "DTYPES"]
+           "group_label", "TRACE_METHODS", "DTYPES", "AUTO_FLOAT64_MAX_PARAMS", "analysis_dtype"]
 
 TRACE_METHODS = ("hutch++", "hutchinson")
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
+# dtype="auto" (the default) takes float64 products up to this many parameters and float32
+# products above, the Lanczos recurrence and its basis staying float64 either way
+# (landscape.lanczos). Measured by bench/bench_dtype.py (BENCHMARKS.md, "Analysis dtype and
+# probe blocks"): MLPs up to 85k parameters lose nothing to float64, convolutional networks
+# from the 81k-parameter ResNet-8 on are 7-9x slower in it.
+AUTO_FLOAT64_MAX_PARAMS = 50_000
+
+
+def analysis_dtype(dtype: Union[str, torch.dtype], n_params: int) -> torch.dtype:
+    """The products' dtype: ``dtype`` itself, or for ``"auto"`` float64 up to
+    :data:`AUTO_FLOAT64_MAX_PARAMS` parameters and float32 above.
+
+    Example:
+        >>> analysis_dtype("auto", 9_000), analysis_dtype("auto", 470_000)
+        (torch.float64, torch.float32)
+    """
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.float64 if int(n_params) <= AUTO_FLOAT64_MAX_PARAMS else torch.float32
+    if dtype not in DTYPES:
+        raise AnalysisError(f"dtype must be auto, float32 or float64, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def _resolved(dtype, run, params) -> torch.dtype:
+    from landscape.layout import ParamLayout
+
+    layout = ParamLayout.of(run.model)
+    return analysis_dtype(dtype, (layout if params is None else layout.select(params)).n)
 
 
 def group_label(group: Group) -> str:
@@ -169,11 +199,12 @@ def _check_k(name: str, k: int, n_params: int) -> int:
 
 def hessian_summary(run: Run, group: Group, top: int = 1, bottom: int = 1, trace: bool = False,
                     *, seed: int = 0, split: str = "train", loss: Optional[str] = None,
-                    batch_size: Optional[int] = None, dtype: torch.dtype = torch.float64,
+                    batch_size: Optional[int] = None, dtype: Union[str, torch.dtype] = "auto",
                     tol: float = 1e-6, max_steps: int = 300, trace_method: str = "hutch++",
                     trace_hvps: int = 99, method: str = DEFAULT_METHOD,
                     progress: Optional[Callable[[int], object]] = None,
-                    params: Optional[Patterns] = None) -> HessianSummary:
+                    params: Optional[Patterns] = None,
+                    planned: Optional[Callable[[int], object]] = None) -> HessianSummary:
     """The ``top`` largest and ``bottom`` smallest Hessian eigenvalues of ``group``'s mean loss
     (one Lanczos run), the saddle ratio ``lambda_min / lambda_max`` and, with ``trace``, a
     Hutch++ (or Hutchinson) trace estimate with its standard error.
@@ -187,13 +218,15 @@ def hessian_summary(run: Run, group: Group, top: int = 1, bottom: int = 1, trace
         split: ``train`` (default) or ``test`` samples of the group.
         loss: the per-sample loss (default: the run's own).
         batch_size: samples per forward pass (results do not depend on it).
-        dtype: float64 (default) or float32 products.
+        dtype: ``"auto"`` (default: :func:`analysis_dtype`), float64 or float32 products.
         tol: Lanczos residual tolerance, relative to ``||H||_2``.
         max_steps: at most this many Lanczos steps.
         trace_method: ``hutch++`` or ``hutchinson``.
         trace_hvps: HVPs spent on the trace.
         method: the HVP method (:data:`landscape.hvp.HVP_METHODS`).
         progress: called with the number of HVPs done after each product (e.g. ``tqdm.update``).
+        planned: called once Lanczos has stopped (often well before ``max_steps``) with the
+            HVPs the whole call spends, e.g. to correct a progress bar's total.
         params: ``fnmatch`` patterns (``"layer4.*,fc.*"`` or a list): the Hessian block of those
             parameters, the others fixed (:class:`landscape.hvp.GroupHessian`).
 
@@ -208,6 +241,7 @@ def hessian_summary(run: Run, group: Group, top: int = 1, bottom: int = 1, trace
                             f"got {trace_method!r}")
     if not tol > 0 or int(max_steps) < 1 or int(trace_hvps) < 3:
         raise AnalysisError("tol must be > 0, max_steps >= 1 and trace HVPs >= 3")
+    dtype = _resolved(dtype, run, params)
     op = GroupHessian.from_run(run, group, split=split, loss=loss, batch_size=batch_size,
                                dtype=dtype, method=method, progress=progress, params=params)
     top = _check_k("top", top, op.n_params)
@@ -216,6 +250,8 @@ def hessian_summary(run: Run, group: Group, top: int = 1, bottom: int = 1, trace
     if top or bottom:
         eigen = extreme_eigenpairs(op, top=top, bottom=bottom, tol=tol, max_steps=max_steps,
                                    seed=seed)
+    if planned is not None:
+        planned(op.hvps + (int(trace_hvps) if trace else 0))
     estimate = None
     if trace:
         estimator = hutchpp_trace if trace_method == "hutch++" else hutchinson_trace
@@ -232,7 +268,7 @@ def hessian_summary(run: Run, group: Group, top: int = 1, bottom: int = 1, trace
 
 def spectral_densities(run: Run, groups: Sequence[Group], probes: int = 10, steps: int = 90, *,
                        seed: int = 0, split: str = "train", loss: Optional[str] = None,
-                       batch_size: Optional[int] = None, dtype: torch.dtype = torch.float64,
+                       batch_size: Optional[int] = None, dtype: Union[str, torch.dtype] = "auto",
                        probe_batch: Optional[int] = None, method: str = DEFAULT_METHOD,
                        progress: Optional[Callable[[int], object]] = None,
                        params: Optional[Patterns] = None) -> dict[str, SpectralDensity]:
@@ -249,6 +285,7 @@ def spectral_densities(run: Run, groups: Sequence[Group], probes: int = 10, step
     for group in groups:
         run.group_data(group, split)  # raises GroupError for unknown / empty groups
     out = {}
+    dtype = _resolved(dtype, run, params)
     for group in groups:
         op = GroupHessian.from_run(run, group, split=split, loss=loss, batch_size=batch_size,
                                    dtype=dtype, method=method, progress=progress,

@@ -32,10 +32,28 @@ from landscape.lanczos import lanczos, operator_matmat, operator_size, tridiagon
 from landscape.traces import rademacher_probes
 
 __all__ = ["SpectralDensity", "slq", "gaussian_density", "DEFAULT_VARIANCE",
-           "DEFAULT_GRID_POINTS"]
+           "DEFAULT_GRID_POINTS", "PROBE_BLOCK_MAX_PARAMS", "default_probe_batch"]
 
 DEFAULT_VARIANCE = 1e-5
 DEFAULT_GRID_POINTS = 10_000
+# Probes are multiplied together (one block product per Lanczos step) only on a CPU and up to
+# this many parameters, where bench/bench_dtype.py measured the block cheaper than single
+# products (BENCHMARKS.md, "Analysis dtype and probe blocks": a block of 10 cost 0.39x ten
+# single products on a 1,482-parameter MLP, 1.1-1.5x from 5,178 parameters on). Not measured on
+# a GPU: there too the default is one probe at a time until a benchmark shows otherwise.
+PROBE_BLOCK_MAX_PARAMS = 2_000
+
+
+def default_probe_batch(n_params: int, probes: int, device=None) -> int:
+    """``probe_batch`` when none is given: all ``probes`` in one block on a CPU for at most
+    :data:`PROBE_BLOCK_MAX_PARAMS` parameters, else 1.
+
+    Example:
+        >>> default_probe_batch(1_482, 10), default_probe_batch(8_970, 10)
+        (10, 1)
+    """
+    on_cpu = device is None or torch.device(device).type == "cpu"
+    return int(probes) if on_cpu and int(n_params) <= PROBE_BLOCK_MAX_PARAMS else 1
 
 
 def gaussian_density(nodes: np.ndarray, weights: np.ndarray, grid: np.ndarray,
@@ -127,18 +145,18 @@ def slq(op, probes: int = 10, steps: int = 90, *, seed: int = 0, probe_batch: Op
         start: Optional[torch.Tensor] = None) -> SpectralDensity:
     """Stochastic Lanczos quadrature with ``probes`` Rademacher probes of ``steps`` steps each.
 
-    The probes run side by side: each Lanczos step multiplies all their vectors in one block
-    product (``op.matmat``), which shares every forward pass (``probe_batch`` limits the block
-    size; default all probes). The float64 Lanczos bases take ``probe_batch * steps * n * 8``
-    bytes (10 x 90 x 0.46M parameters of a ResNet-32: 3.3 GB); lower ``probe_batch`` for large
-    models.
+    ``probe_batch`` probes run side by side: each Lanczos step multiplies their vectors in one
+    block product (``op.matmat``), which shares every forward pass; the default
+    (:func:`default_probe_batch`) batches only where that was measured to pay. The float64
+    Lanczos bases take ``probe_batch * steps * n * 8`` bytes (10 x 90 x 0.46M parameters of a
+    ResNet-32: 3.3 GB).
 
     Args:
         op: a :class:`landscape.hvp.GroupHessian` or a dense symmetric tensor.
         probes: number of probe vectors.
         steps: Lanczos steps per probe (capped at ``n``).
         seed: seeds the probes (:func:`rademacher_probes`).
-        probe_batch: probes per block product.
+        probe_batch: probes per block product (default :func:`default_probe_batch`).
         variance: ``sigma^2 = variance * max(1, lambda_max - lambda_min)``.
         grid_points: size of the evaluation grid.
         start: explicit ``(probes, n)`` probe vectors instead of Rademacher ones.
@@ -150,9 +168,10 @@ def slq(op, probes: int = 10, steps: int = 90, *, seed: int = 0, probe_batch: Op
         raise ValueError("grid_points must be >= 2")
     vectors = rademacher_probes(n, probes, seed) if start is None else start.reshape(-1, n)
     probes = vectors.shape[0]
-    batch = probes if probe_batch is None else max(1, int(probe_batch))
     matmat = operator_matmat(op)
     device = getattr(op, "device", None)
+    batch = (default_probe_batch(n, probes, device) if probe_batch is None
+             else max(1, int(probe_batch)))
     op_dtype = getattr(op, "dtype", torch.float64)
     steps = int(min(steps, n))
     nodes = np.full((probes, steps), np.nan)

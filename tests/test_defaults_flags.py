@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -89,3 +91,81 @@ def test_report_skips_folders_that_are_not_runs(tiny_mlp_path, tmp_path, landsca
     assert (out / "table.md").exists()
     code, _, err = landscape_cli(["report", str(beside), "--out", str(out), "--no_progress"])
     assert code == 2 and "no run folder" in err and len(err.strip().splitlines()) == 1
+
+
+def test_help_is_plain_text():
+    from landscape.cli import build_parser
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if a.dest == "command").choices
+    texts = [parser.format_help(), train_cli.build_parser().format_help()]
+    texts += [sub.format_help() for sub in subparsers.values()]
+    for text in texts:
+        assert "`" not in text and ":func:" not in text, text[:200]
+
+
+def test_analysis_dtype_auto_follows_the_parameter_count(tiny_mlp_path, monkeypatch):
+    import landscape
+    import landscape.hessian as hessian
+    from landscape.hessian import AUTO_FLOAT64_MAX_PARAMS, analysis_dtype, hessian_summary
+
+    assert analysis_dtype("auto", AUTO_FLOAT64_MAX_PARAMS) == torch.float64
+    assert analysis_dtype("auto", AUTO_FLOAT64_MAX_PARAMS + 1) == torch.float32
+    assert analysis_dtype("float64", 10**9) == torch.float64
+    with pytest.raises(landscape.errors.AnalysisError, match="auto, float32 or float64"):
+        analysis_dtype("half", 10)
+    run = landscape.load(tiny_mlp_path, device="cpu")
+    small = hessian_summary(run, "tail", seed=0)
+    assert small.provenance.dtype == "float64"  # a tiny model: float64 products
+    monkeypatch.setattr(hessian, "AUTO_FLOAT64_MAX_PARAMS", 10)  # as if it were large
+    large = hessian_summary(run, "tail", seed=0)
+    assert large.provenance.dtype == "float32"
+    assert large.top[0] == pytest.approx(small.top[0], rel=1e-4)  # float64 recurrence
+    assert hessian_summary(run, "tail", seed=0, dtype="float64").provenance.dtype == "float64"
+
+
+def test_hessian_progress_total_is_the_work_done(tiny_mlp_path):
+    import landscape
+    from landscape.hessian import hessian_summary
+
+    run = landscape.load(tiny_mlp_path, device="cpu")
+    planned, done = [], []
+    s = hessian_summary(run, "head", trace=True, trace_hvps=9, seed=0, max_steps=300,
+                        planned=planned.append, progress=done.append)
+    assert planned == [s.provenance.hvps] == [sum(done)] and s.provenance.hvps < 300
+
+
+def test_slq_batches_probes_only_where_measured_to_pay(tiny_mlp_path, monkeypatch):
+    import landscape
+    import landscape.slq as slq_module
+    from landscape.hvp import GroupHessian
+    from landscape.slq import PROBE_BLOCK_MAX_PARAMS, default_probe_batch, slq
+
+    assert default_probe_batch(PROBE_BLOCK_MAX_PARAMS, 10) == 10
+    assert default_probe_batch(PROBE_BLOCK_MAX_PARAMS + 1, 10) == 1
+    assert default_probe_batch(100, 10, "cuda") == 1  # not measured on a GPU: one at a time
+    run = landscape.load(tiny_mlp_path, device="cpu")
+    op = GroupHessian.from_run(run, "tail")
+    assert op.n_params <= PROBE_BLOCK_MAX_PARAMS
+    blocks = []
+    real = slq_module.lanczos
+
+    def recording(matmat, start, *args, **kwargs):
+        blocks.append(start.shape[0])
+        return real(matmat, start, *args, **kwargs)
+
+    monkeypatch.setattr(slq_module, "lanczos", recording)
+    batched = slq(op, probes=4, steps=12, seed=0)
+    monkeypatch.setattr(slq_module, "PROBE_BLOCK_MAX_PARAMS", 10)
+    single = slq(op, probes=4, steps=12, seed=0)
+    assert blocks == [4, 1, 1, 1, 1]
+    np.testing.assert_allclose(single.nodes, batched.nodes, rtol=1e-9, atol=1e-12)
+
+
+def test_report_settings_dtype():
+    from landscape.errors import AnalysisError
+    from landscape.report import ReportSettings
+
+    assert ReportSettings().dtype == "auto"
+    with pytest.raises(AnalysisError, match="dtype must be"):
+        ReportSettings(dtype="half")

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from train.cli_base import OneLineParser, UsageError, add_threads, one_line, set_threads
+from train.cli_base import OneLineParser, UsageError, add_threads, one_line, plain, set_threads
 from train.config import CHOICES, Config, ConfigError
 from train.data import SPECS
 from train.models import DEFAULT_WIDTH
@@ -63,7 +63,7 @@ def _per(table: dict, key) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="python -m train", description=__doc__.split("\n\n")[0],
+    p = OneLineParser(prog="python -m train", description=plain(__doc__.split("\n\n")[0]),
                       argument_default=argparse.SUPPRESS,
                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 

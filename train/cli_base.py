@@ -19,7 +19,7 @@ import re
 
 from train.io import one_line
 
-__all__ = ["UsageError", "OneLineParser", "one_line", "add_threads", "set_threads"]
+__all__ = ["UsageError", "OneLineParser", "one_line", "add_threads", "set_threads", "plain"]
 
 
 class UsageError(Exception):
@@ -59,3 +59,18 @@ def set_threads(threads) -> None:
     import torch
 
     torch.set_num_threads(threads)
+
+
+def plain(text):
+    """Help text from a docstring without its reStructuredText: ``code`` and :role:`name`
+    become code and name, a literal block's ``::`` a colon (``--help`` is read as plain text).
+
+    Example:
+        >>> plain("``hessian CKPT``: see :func:`landscape.load`. Examples::")
+        'hessian CKPT: see landscape.load. Examples:'
+    """
+    if text is None:
+        return None
+    text = re.sub(r":[a-z]+:`~?([^`]+)`", r"\1", text)
+    text = re.sub(r"``([^`]+)``", r"\1", text)
+    return re.sub(r"::(\s|$)", r":\1", text)

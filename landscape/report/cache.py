@@ -50,11 +50,19 @@ def _checkpoint_digest(path: Path) -> Optional[str]:
         return None
 
 
+def _dtype_name(run, settings: ReportSettings) -> str:
+    """The products' dtype the settings give this run's model (``auto``: by its size)."""
+    from landscape.hessian import analysis_dtype
+    from train.models import count_parameters
+
+    return str(analysis_dtype(settings.dtype, count_parameters(run.model))).replace("torch.", "")
+
+
 def _cache_key(run, group: str, kind: str, settings: ReportSettings) -> dict:
     """Everything that determines a cached result."""
     key = {"kind": kind, "group": group, "classes": run.classes(group), "split": settings.split,
            "loss": run.config.loss, "seed": settings.seed, "steps": settings.steps,
-           "dtype": "float64", "checkpoint_sha256": _checkpoint_digest(run.path)}
+           "dtype": _dtype_name(run, settings), "checkpoint_sha256": _checkpoint_digest(run.path)}
     if kind == "extremes":
         key["tol"] = settings.tol
     else:
@@ -100,14 +108,14 @@ def group_indicators(run, group: str, settings: ReportSettings = DEFAULT_SETTING
                      cache: bool = True) -> GroupIndicators:
     """``lambda_max``, ``lambda_min`` and their ratio for ``group`` at ``run``'s checkpoint,
     read from ``RUN_DIR/hessian/epoch_NNNN_GROUP.json`` when computed before with the same
-    settings, else computed (:func:`landscape.hessian.hessian_summary`, float64) and added to
-    that file with the whole summary."""
+    settings, else computed (:func:`landscape.hessian.hessian_summary` in ``settings.dtype``)
+    and added to that file with the whole summary."""
     from landscape.hessian import hessian_summary
 
     def compute() -> tuple[dict, dict]:
         summary = hessian_summary(run, group, top=1, bottom=1, seed=settings.seed,
                                   split=settings.split, tol=settings.tol,
-                                  max_steps=settings.steps)
+                                  max_steps=settings.steps, dtype=settings.dtype)
         eigen = summary.eigen
         indicators = GroupIndicators(
             epoch=run.epoch, group=group, lambda_max=summary.top[0],
@@ -160,7 +168,8 @@ def group_density(run, group: str, settings: ReportSettings = DEFAULT_SETTINGS,
         except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError):
             pass  # damaged: recompute
     density = spectral_densities(run, [group], probes=settings.probes, steps=settings.steps,
-                                 seed=settings.seed, split=settings.split)[group]
+                                 seed=settings.seed, split=settings.split,
+                                 dtype=settings.dtype)[group]
     if not cache:
         return density.grid, density.density
     buffer = io.BytesIO()

@@ -24,6 +24,8 @@ class ReportSettings:
         split: the groups' samples, ``train`` or ``test``.
         groups: the groups compared.
         densities: whether to estimate the final checkpoints' spectral densities.
+        dtype: of the Hessian-vector products: ``auto`` (:func:`landscape.hessian.analysis_dtype`:
+            float64 for small models, float32 for large), ``float64`` or ``float32``.
         classes: the per-class sweep (:func:`landscape.classes.class_sweep`) of the final
             checkpoints: ``"all"`` or class ids ``"0,3,7"``; empty for none.
 
@@ -44,6 +46,7 @@ class ReportSettings:
     split: str = "train"
     groups: tuple[str, ...] = ("head", "tail")
     densities: bool = True
+    dtype: str = "auto"
     classes: str = ""
 
     def __post_init__(self) -> None:
@@ -59,6 +62,8 @@ class ReportSettings:
             raise AnalysisError(f"split must be train or test, got {self.split!r}")
         if not self.groups:
             raise AnalysisError("no groups to compare")
+        if self.dtype not in ("auto", "float64", "float32"):
+            raise AnalysisError(f"dtype must be auto, float64 or float32, got {self.dtype!r}")
         ids = str(self.classes).replace(",", " ").split()
         if self.classes not in ("", "all") and not all(i.isdigit() for i in ids):
             raise AnalysisError(f"classes must be all or class ids like 0,3,7, got "
