@@ -213,14 +213,13 @@ def _run_per_layer(args, run) -> int:
             bar.close()
     if not is_writer():  # under torchrun, rank 0 reports and writes
         return 0
+    lines = [f"{b.block}: {b.n_params} parameters, lambda_max {b.lambda_max:.6g}, "
+             f"lambda_min {b.lambda_min:.6g}, trace {b.trace:.6g}" for b in sweep.blocks]
     text = json.dumps(sweep.to_json(), indent=2) + "\n"
-    if args.json is None:
-        sys.stdout.write(text)
-    else:
+    if args.json is not None:  # the file, and a line a block on stdout
         atomic_write_bytes(args.json, text.encode())
-        for b in sweep.blocks:
-            print(f"{b.block}: {b.n_params} parameters, lambda_max {b.lambda_max:.6g}, "
-                  f"lambda_min {b.lambda_min:.6g}, trace {b.trace:.6g}")
+        text = "\n".join(lines) + "\n"
+    sys.stdout.write(text)
     if args.out is not None:
         title = f"{run.run_dir.name} epoch {run.epoch}: {sweep.group} loss, Hessian blocks"
         written = write_per_layer_figures(sweep, args.out, title)

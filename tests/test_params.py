@@ -27,13 +27,20 @@ from landscape.per_layer import per_layer_sweep, write_per_layer_figures
 
 
 @pytest.fixture(scope="module")
-def mlp(tiny_mlp_path):
-    return landscape.load(tiny_mlp_path, device="cpu")
+def runs(tiny_mlp_path, tiny_cnn_path):
+    """The tiny MLP and BatchNorm-CNN runs of conftest.py, loaded once for the module."""
+    return {"mlp": landscape.load(tiny_mlp_path, device="cpu"),
+            "cnn": landscape.load(tiny_cnn_path, device="cpu")}
 
 
 @pytest.fixture(scope="module")
-def cnn(tiny_cnn_path):
-    return landscape.load(tiny_cnn_path, device="cpu")
+def mlp(runs):
+    return runs["mlp"]
+
+
+@pytest.fixture(scope="module")
+def cnn(runs):
+    return runs["cnn"]
 
 
 @pytest.fixture(scope="module")
