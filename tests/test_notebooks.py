@@ -8,7 +8,9 @@ What "came out" means, for any notebook here (so that the notebooks may change f
   in which data was drawn (coloured pixels: axes, ticks and text are grey), or a plotly figure
   whose every trace has data, all finite;
 * every number printed or shown as text (stdout, Markdown tables) is finite, with no ``nan`` or
-  ``inf`` anywhere, and the notebook shows numbers at all.
+  ``inf`` anywhere, and the notebook shows numbers at all;
+* every cell that shows an interactive (plotly) figure also shows a static PNG, so that an
+  exported notebook (nbconvert HTML, GitHub) has a figure there.
 
 A product bug that breaks the analysis (NaN eigenvalues, an empty density, a failed surface)
 fails one of these; ``test_the_output_checks_can_fail`` shows that each check can.
@@ -103,6 +105,9 @@ def output_problems(notebook) -> list[str]:
                 problems += [f"{where}: {p}" for p in _png_problems(data["image/png"])]
         if ".show()" in cell.source and not figures:
             problems.append(f"{where} shows a figure but has none among its outputs")
+        outputs = [o.get("data", {}) for o in cell.outputs]
+        if any(PLOTLY in d for d in outputs) and not any("image/png" in d for d in outputs):
+            problems.append(f"{where} shows an interactive figure without a static PNG")
     if not numbers:
         problems.append("the notebook shows no numbers")
     return problems
@@ -126,7 +131,11 @@ def test_notebook_runs_top_to_bottom_and_its_analysis_comes_out(name, monkeypatc
     monkeypatch.setenv("NB_SMALL", "1")
     for variable in ("NB_RUN_DIR", "NB_RUNS_DIR"):
         monkeypatch.delenv(variable, raising=False)
-    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the notebooks' own runs land here
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setenv("TMPDIR", str(temporary))  # nothing may be left here
+    monkeypatch.setenv("NB_DEMO_DIR", str(tmp_path / "no-demo"))  # no demo runs: train briefly
+    monkeypatch.setenv("NB_OUT_DIR", str(tmp_path / "out"))  # the notebooks' own runs
     # One intra-op thread in the kernel: the suite runs two workers on two cores.
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     client = NotebookClient(notebook, timeout=300, kernel_name="python3",
@@ -134,6 +143,12 @@ def test_notebook_runs_top_to_bottom_and_its_analysis_comes_out(name, monkeypatc
     client.execute()  # raises CellExecutionError, with the failing cell, on any error
     assert output_problems(notebook) == []
     assert os.environ["NB_SMALL"] == "1"
+    left = [p for p in temporary.iterdir() if p.is_dir()
+            and not p.name.startswith("torchinductor_")]  # torch's own compile cache
+    assert not left  # the notebooks leave no folder in the temporary directory
+    assert list((tmp_path / "out").glob("*.png"))  # the static figures, saved beside
+    said = "".join(o.get("text", "") for c in _code_cells(notebook) for o in c.outputs)
+    assert "took" in said and " s here" in said  # how long the short training took, measured
 
 
 def _png(drawn: bool) -> str:
@@ -167,6 +182,8 @@ def test_the_output_checks_can_fail():
             "display_data", data={PLOTLY: {"data": [{"x": [0, 1],
                                                      "y": {"dtype": "f8", "bdata": bdata}}]}})),
         "no figure": _executed("fig.show()", stdout),
+        "an interactive figure alone": _executed("fig.show()", stdout, nbformat.v4.new_output(
+            "display_data", data={PLOTLY: {"data": [{"x": [0, 1], "y": [1, 2]}]}})),
         "an error": _executed("1/0", stdout, nbformat.v4.new_output(
             "error", ename="ZeroDivisionError", evalue="division by zero", traceback=[])),
         "no numbers": _executed("print('done')", nbformat.v4.new_output(
