@@ -158,12 +158,11 @@ def project_trajectory(run, directions: Sequence[Direction]) -> Trajectory:
     origin = flat_parameters(run.model, torch.float64)
     coordinates, off_plane = [], []
     for _, path in found:
-        try:
-            w = layout.flatten_state(ckpt.load_checkpoint(path)["model"], torch.float64)
-        except KeyError as missing:
-            raise AnalysisError(f"{path}: no parameter {missing.args[0]!r} (another model?)") \
-                from None
-        offset = w - origin
+        state = ckpt.load_checkpoint(path)["model"]
+        missing = [name for name in layout.names if name not in state]
+        if missing:
+            raise AnalysisError(f"{path}: no parameter {missing[0]!r} (another model?)")
+        offset = layout.flatten_state(state, torch.float64) - origin
         c = torch.linalg.solve(gram, basis @ offset)
         coordinates.append(c.numpy())
         off_plane.append(float((offset - basis.T @ c).norm()))
