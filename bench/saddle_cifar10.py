@@ -30,6 +30,7 @@ tail).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -186,9 +187,10 @@ ANALYSIS = dict(
 GROUPS = ("head", "tail")
 
 
-def _task_list(root: Path) -> list[tuple[str, ...]]:
+def _task_list(root: Path, full: bool = False) -> list[tuple[str, ...]]:
     """Every computation, most needed first: the final extremes of the first-seed runs, the
-    second seeds', the curves, the densities, the surfaces, then the full-group extremes."""
+    second seeds', the curves, the densities, the surfaces, then (with ``full``) the
+    whole-group extremes."""
     first = [n for n in RUNS if n.endswith("s9826")]
     second = [n for n in RUNS if n not in first]
     end = COMMON["epochs"]
@@ -197,7 +199,8 @@ def _task_list(root: Path) -> list[tuple[str, ...]]:
               for g in GROUPS]
     tasks += [("density", n, end, g) for n in first for g in GROUPS]
     tasks += [("surface", n, end, "tail") for n in first]
-    tasks += [("full", n, end, g) for n in first + second for g in ("tail", "head")]
+    if full:
+        tasks += [("full", n, end, g) for n in first + second for g in ("tail", "head")]
     return tasks
 
 
@@ -263,17 +266,47 @@ def _surface(run, root: Path, name: str, settings: dict) -> dict:
 
 
 def run_task(root: Path, task: tuple) -> None:
+    kind, name, epoch, group = task
+    path = _result_path(root, kind, name, epoch, group)
+    checkpoint = root / "runs" / name / f"epoch_{epoch:04d}.pt"
+    needs = _result_path(root, "final", name, epoch, "tail").with_suffix(".pt")
+    if path.exists() or not checkpoint.exists() or (kind == "surface" and not needs.exists()):
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _claimed(path.with_suffix(".claim")) as mine:
+        if mine:
+            _compute(root, task, path)
+
+
+@contextlib.contextmanager
+def _claimed(claim: Path):
+    """Whether this process may compute the task: its claim file is new, or the process that
+    wrote it is gone. Workers started at different times then never compute one task twice."""
+    try:
+        fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            os.kill(int(claim.read_text() or 0), 0)
+            yield False  # a live worker has it
+            return
+        except (ProcessLookupError, ValueError):
+            fd = os.open(claim, os.O_WRONLY | os.O_TRUNC)  # its worker died: take it over
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    try:
+        yield True
+    finally:
+        claim.unlink(missing_ok=True)
+
+
+def _compute(root: Path, task: tuple, path: Path) -> None:
     import torch
 
     import landscape
     from train.io import atomic_write_bytes, atomic_write_json
 
     kind, name, epoch, group = task
-    path = _result_path(root, kind, name, epoch, group)
     checkpoint = root / "runs" / name / f"epoch_{epoch:04d}.pt"
-    if path.exists() or not checkpoint.exists():
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
     run = landscape.load(checkpoint, device="cpu")
     log(f"{kind} {name} epoch {epoch} {group}")
     if kind == "density":
@@ -294,18 +327,19 @@ def run_task(root: Path, task: tuple) -> None:
         + ", ".join(f"{k}={v:.4g}" for k, v in result.items() if isinstance(v, float)))
 
 
-def analyse(root: Path, jobs: int, worker: int | None = None) -> None:
-    """Runs the pending tasks, ``jobs`` worker processes each taking every ``jobs``-th."""
-    tasks = _task_list(root)
+def analyse(root: Path, jobs: int, worker: int | None = None, full: bool = False) -> None:
+    """Runs the pending tasks in ``jobs`` worker processes; each takes the next task no other
+    live worker has claimed."""
     if worker is not None:
         import torch
 
         torch.set_num_threads(1)
-        for task in tasks[worker::jobs]:
+        for task in _task_list(root, full):
             run_task(root, task)
         return
+    extra = ["--full"] if full else []
     procs = [subprocess.Popen([sys.executable, __file__, "--root", str(root), "--stage",
-                               "analysis-worker", "--jobs", str(jobs), "--worker", str(k)],
+                               "analysis-worker", "--worker", str(k), *extra],
                               env={**os.environ, "OMP_NUM_THREADS": "1"}) for k in range(jobs)]
     codes = [p.wait() for p in procs]
     if any(codes):
@@ -435,6 +469,8 @@ def main(argv=None) -> int:
     p.add_argument("--stage", choices=["all", "data", "train", "train-one", "analysis",
                                         "analysis-worker", "figures"], default="all")
     p.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--full", action="store_true",
+                   help="analysis: also the extremes over every image of each group (slow)")
     p.add_argument("--jobs", type=int, default=2, help="training processes at a time")
     p.add_argument("runs", nargs="*", default=list(RUNS), help="which runs (default: all)")
     args = p.parse_args(argv)
@@ -448,9 +484,9 @@ def main(argv=None) -> int:
     if args.stage in ("all", "train"):
         train_all(root, args.jobs, args.runs)
     if args.stage == "analysis-worker":
-        analyse(root, args.jobs, args.worker)
+        analyse(root, args.jobs, args.worker, args.full)
     if args.stage in ("all", "analysis"):
-        analyse(root, args.jobs)
+        analyse(root, args.jobs, full=args.full)
     if args.stage in ("all", "figures"):
         figures(root)
     return 0
