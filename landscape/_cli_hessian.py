@@ -125,7 +125,7 @@ def run_hessian(args) -> int:
     _check_per_layer(args)
     run = load(args.checkpoint, device=args.device)
     # Bad groups and sizes fail here, before a progress bar is drawn: one line on stderr.
-    run.group_data(args.group, args.split)
+    run.group_size(args.group, args.split)
     if args.per_layer:
         return _run_per_layer(args, run)
     n_params = _selected_count(run, args.params)
@@ -250,7 +250,7 @@ def run_spectrum(args) -> int:
         raise AnalysisError(f"--out {out}: exists and is not a folder")
     run = load(args.checkpoint, device=args.device)
     for group in groups:  # fail on a bad group before a progress bar is drawn
-        run.group_data(group, args.split)
+        run.group_size(group, args.split)
     _selected_count(run, args.params)
     bar = _progress_bar(args, len(groups) * args.probes * args.steps, "spectrum")
     try:

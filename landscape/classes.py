@@ -274,7 +274,7 @@ def class_sweep(run: Run, classes: Union[str, Sequence[int]] = "all", *, steps: 
         ParamLayout.of(run.model).select(settings.params)  # matches nothing: fail at once
     ids = parse_classes(run, classes)
     for class_id in ids:  # every class resolves before any Hessian work
-        run.group_data([class_id], split)
+        run.group_size([class_id], split)
     results = _distributed.map_shared(
         lambda c: _class_result(run, c, settings, cache, batch_size, progress), ids)
     return ClassSweep(str(run.path), int(run.epoch), str(run.run_dir), str(run.config.opt),

@@ -283,7 +283,7 @@ def spectral_densities(run: Run, groups: Sequence[Group], probes: int = 10, step
     if not groups:
         raise AnalysisError("no groups given")
     for group in groups:
-        run.group_data(group, split)  # raises GroupError for unknown / empty groups
+        run.group_size(group, split)  # raises GroupError for unknown / empty groups
     out = {}
     dtype = _resolved(dtype, run, params)
     for group in groups:

@@ -12,6 +12,12 @@ processed in batches ``B_1, ..., B_b``; each batch contributes
 ``|B_j| / N``, so the sum is exactly the HVP of the mean loss whatever the batch size (up to
 floating-point rounding).
 
+The samples are tensors, or a lazy source (``targets=None``): any object with ``len`` (``N``)
+and ``batches(batch_size, start, stop)`` yielding the normalised ``(x, y)`` of samples
+``start .. stop - 1``, such as a streamed run's :class:`train.stream.StreamSamples`
+(:meth:`landscape.load.Run.group_samples`); its batches are read again on every pass, so only
+one batch is in memory, and the weighting above is unchanged.
+
 Vectors are flat, in the layout of :class:`landscape.layout.ParamLayout` (the trainable
 parameters of ``model.named_parameters()`` in that order, each flattened). With ``params``
 (``fnmatch`` globs on the names, e.g. ``"layer4.*,fc.*"``), the operator is the block
@@ -86,7 +92,8 @@ class GroupHessian:
         model: the network; it is copied, cast to ``dtype`` and put in eval mode (the caller's
             module is left untouched).
         loss_fn: per-sample loss ``(logits, targets) -> (B,)``.
-        inputs: the group's samples (already normalised, not augmented).
+        inputs: the group's samples (already normalised, not augmented), or a lazy source of
+            them (module docstring) with ``targets=None``.
         targets: their class ids.
         batch_size: samples per forward pass (default :func:`default_batch_size`). Results do not
             depend on it beyond rounding.
@@ -113,17 +120,18 @@ class GroupHessian:
         hvps: Hessian-vector products computed so far (a block of ``k`` vectors counts ``k``).
     """
 
-    def __init__(self, model: nn.Module, loss_fn: PerSampleLoss, inputs: torch.Tensor,
-                 targets: torch.Tensor, *, batch_size: Optional[int] = None,
+    def __init__(self, model: nn.Module, loss_fn: PerSampleLoss, inputs,
+                 targets: Optional[torch.Tensor], *, batch_size: Optional[int] = None,
                  dtype: torch.dtype = torch.float64, method: str = DEFAULT_METHOD,
                  progress: Optional[Callable[[int], object]] = None,
                  cache_graph: bool = True, params: Optional[Patterns] = None):
         if method not in HVP_METHODS:
             raise ValueError(f"unknown HVP method {method!r} "
                              f"(choose from {', '.join(HVP_METHODS)})")
-        if inputs.shape[0] != targets.shape[0]:
+        self.source = inputs if targets is None else None
+        if self.source is None and inputs.shape[0] != targets.shape[0]:
             raise ValueError(f"{inputs.shape[0]} inputs but {targets.shape[0]} targets")
-        if inputs.shape[0] == 0:
+        if (len(self.source) if self.source is not None else inputs.shape[0]) == 0:
             raise ValueError("the group has no samples")
         if batch_size is not None and int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -142,9 +150,10 @@ class GroupHessian:
         self.buffers = {name: b for name, b in self._model.named_buffers()}
         self.n_params = self.layout.n
         self.loss_fn = loss_fn
-        self.inputs = inputs.to(self.device, dtype)
-        self.targets = targets.to(self.device)
-        self.n_samples = int(inputs.shape[0])
+        if self.source is None:
+            self.inputs = inputs.to(self.device, dtype)
+            self.targets = targets.to(self.device)
+        self.n_samples = len(self.source) if self.source is not None else int(inputs.shape[0])
         self.batch_size = int(batch_size) if batch_size else default_batch_size(
             self.n_samples, self.device)
         self.hvps = 0
@@ -164,8 +173,12 @@ class GroupHessian:
                  ) -> "GroupHessian":
         """The operator of ``run``'s loss restricted to ``group`` (``head``, ``tail``, ``all`` or
         class ids) over every ``split`` sample of the group; ``loss`` defaults to the run's;
-        ``params`` selects a Hessian block (see the class)."""
-        inputs, targets = run.group_data(group, split)
+        ``params`` selects a Hessian block (see the class). A streamed run's samples are read
+        in batches from its files (:meth:`landscape.load.Run.group_samples`)."""
+        if getattr(run, "streamed", False):
+            inputs, targets = run.group_samples(group, split), None
+        else:
+            inputs, targets = run.group_data(group, split)
         op = cls(run.model, run.loss_fn(loss), inputs, targets, batch_size=batch_size,
                  dtype=dtype or torch.float64, method=method, progress=progress,
                  cache_graph=cache_graph, params=params)
@@ -183,6 +196,10 @@ class GroupHessian:
         # Under torchrun, this rank's share of the samples only; the sums over batches are
         # then summed over the ranks (landscape._distributed).
         first, stop = _distributed.sample_range(self.n_samples)
+        if self.source is not None:
+            for x, y in self.source.batches(batch_size, first, stop):
+                yield x.to(self.device, self.dtype), y.to(self.device)
+            return
         for start in range(first, stop, batch_size):
             end = min(start + batch_size, stop)
             yield self.inputs[start:end], self.targets[start:end]

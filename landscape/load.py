@@ -11,6 +11,13 @@
 >>> first = load(f"{run_dir}/epoch_0001.pt", device="cpu", data=run.data)  # the same dataset
 >>> first.epoch, first.data is run.data
 (1, True)
+
+A run trained with ``--decode stream`` keeps its images on disk: ``run.data`` is a
+:class:`train.stream.StreamData` (file lists), :meth:`Run.group_samples` a group's files as a
+lazy :class:`train.stream.StreamSamples` that :class:`landscape.hvp.GroupHessian` reads in
+batches (decoded again for every pass, never all in memory), and :meth:`Run.group_data`
+decodes the group whole (for small groups). :meth:`Run.group_size` checks a group without
+decoding anything.
 """
 
 from __future__ import annotations
@@ -83,8 +90,14 @@ class Run:
         return self.config.spec.num_classes
 
     @property
+    def streamed(self) -> bool:
+        """Whether the run reads its images from files (``decode="stream"``)."""
+        return self.config.decode == "stream"
+
+    @property
     def data(self) -> LongTailData:
-        """The run's long-tailed training set and balanced test set, on ``device``."""
+        """The run's long-tailed training set and balanced test set, on ``device`` (a streamed
+        run's :class:`train.stream.StreamData`: its file lists)."""
         if self._data is None:
             self._data = self.config.load_data().to(self.device)
         return self._data
@@ -124,20 +137,57 @@ class Run:
         first ``samples`` of a permutation drawn from ``seed``, kept in data order, so every
         checkpoint of a run (and every optimizer on the same data) sees the same images.
         """
+        if self.streamed:
+            parts = list(self.group_samples(group, split, samples, seed=seed).batches(1000))
+            return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
+        keep = self._positions(group, split, samples, seed)
+        data = self.data
+        x, y = (data.train_x, data.train_y) if split == "train" else (data.test_x, data.test_y)
+        return normalize(x[keep], data.spec), y[keep]
+
+    def group_samples(self, group: Group, split: str = "train", samples: Optional[int] = None,
+                      *, seed: int = 0):
+        """A streamed run's :meth:`group_data` as a lazy :class:`train.stream.StreamSamples`
+        (the same samples in the same order, decoded batch by batch on every pass, with the
+        run's ``workers``)."""
+        from train.folder import FolderIndex
+        from train.stream import StreamSamples
+
+        index = self.data.train if split == "train" else self.data.test
+        keep = self._positions(group, split, samples, seed).tolist()
+        part = FolderIndex(index.root, tuple(index.paths[i] for i in keep),
+                           tuple(index.labels[i] for i in keep), index.classes)
+        return StreamSamples(part, self.data.spec, self.data.spec.image_shape[-1],
+                             workers=self.config.workers, device=self.device)
+
+    def group_size(self, group: Group, split: str = "train") -> int:
+        """The number of ``split`` samples of ``group``; raises :class:`GroupError` as
+        :meth:`group_data` does, without decoding or moving any image."""
+        return len(self._positions(group, split, None, 0))
+
+    def _labels(self, split: str) -> torch.Tensor:
+        data = self.data
+        if self.streamed:
+            index = data.train if split == "train" else data.test
+            return torch.tensor(index.labels, dtype=torch.int64)
+        return data.train_y if split == "train" else data.test_y
+
+    def _positions(self, group: Group, split: str, samples: Optional[int], seed: int
+                   ) -> torch.Tensor:
+        """Positions in the split of :meth:`group_data`'s samples (checked, subsampled)."""
         if split not in ("train", "test"):
             raise GroupError(f"split must be train or test, got {split!r}")
         if samples is not None and (isinstance(samples, bool) or int(samples) < 1):
             raise GroupError(f"samples must be an integer >= 1, got {samples!r}")
         classes = self.classes(group)
-        data = self.data
-        x, y = (data.train_x, data.train_y) if split == "train" else (data.test_x, data.test_y)
+        y = self._labels(split)
         keep = torch.isin(y, torch.tensor(classes, device=y.device)).nonzero().flatten()
         if len(keep) == 0:
             raise GroupError(f"group {group!r} has no samples in the {split} split")
         if samples is not None and samples < len(keep):
             order = torch.randperm(len(keep), generator=torch.Generator().manual_seed(seed))
             keep = keep[order[:samples].sort().values.to(keep.device)]
-        return normalize(x[keep], data.spec), y[keep]
+        return keep
 
 
 @contextlib.contextmanager

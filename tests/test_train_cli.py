@@ -232,9 +232,12 @@ def test_choices_are_the_vocabulary(tmp_path, monkeypatch):
         for value in allowed:  # every listed value is a valid config
             if name == "model" and value == "resnet34":
                 continue  # valid, only slow to build below; checked by the next line
-            folder = (name, value) == ("dataset", "folder")
+            folder = (name, value) == ("dataset", "folder") or name == "decode"
             extra = {"data_dir": images, "imb_factor": 2.0} if folder else {}
-            assert getattr(Config(**{name: value}, **extra), name) == value
+            if folder and name == "decode":
+                extra["dataset"] = "folder"  # only a folder can stream
+            stored = "cache" if (name, value) == ("decode", "auto") else value  # resolved
+            assert getattr(Config(**{name: value}, **extra), name) == stored
         with pytest.raises(ValueError, match="choose from " + ", ".join(allowed)):
             Config(**{name: "no-such-" + name})
 

@@ -84,7 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     option(data, "test_list", "dataset folder: the test list, as --train_list",
            default="none: the folders")
     option(data, "image_size", "dataset folder: resize the shorter side, then centre-crop to N x N",
-           type=int, default="none: images keep their size")
+           type=int, default="none: images keep their size; 224 with --decode stream")
+    option(data, "decode", "dataset folder: decode once into a uint8 cache, or in --workers "
+           "DataLoader processes every epoch (RandomResizedCrop + flip; test: resize 8/7, centre "
+           "crop); auto streams when the cache would pass 4 GiB")
+    option(data, "workers", "decoding processes with --decode stream (0: in the training "
+           "process)", type=int)
     option(data, "imb_factor", "largest / smallest class", type=float)
     option(data, "selection", "which images of a class are kept")
     option(data, "eta", "tail = classes with fewer than eta training images", type=float,

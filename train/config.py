@@ -38,7 +38,7 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from train.data import SPECS, LongTailData, accuracy_splits, class_counts, load_dataset, \
     split_groups
@@ -48,12 +48,16 @@ from train.options import (BN_UPDATES, CHOICES, DATASETS, GROUP_REDUCTIONS, LOSS
                            MODELS, OPTIMIZER_LABELS, OPTIMIZERS, PERTURBATIONS, PROTOCOLS,
                            SELECTIONS, check_choice)
 
+if TYPE_CHECKING:
+    from train.stream import StreamData
+
 __all__ = ["Config", "ConfigError", "IDENTITY_EXCLUDED", "identity_changes", "CHOICES",
            "DATASETS", "SELECTIONS", "MODELS", "LOSSES", "OPTIMIZERS", "OPTIMIZER_LABELS",
            "GROUP_REDUCTIONS", "BN_UPDATES", "PROTOCOLS", "PERTURBATIONS"]
 
 # Fields that may differ between an interrupted run and its resumption.
-IDENTITY_EXCLUDED = ("device", "data_dir", "progress", "compile", "channels_last", "bf16")
+IDENTITY_EXCLUDED = ("device", "data_dir", "progress", "compile", "channels_last", "bf16",
+                     "workers")
 
 
 class ConfigError(ValueError):
@@ -78,6 +82,8 @@ class Config:
     train_list: Optional[str] = None
     test_list: Optional[str] = None
     image_size: Optional[int] = None
+    decode: str = "auto"
+    workers: int = 4
     imb_factor: float = 100.0
     selection: str = "first"
     eta: Optional[float] = None
@@ -117,6 +123,7 @@ class Config:
             raise ConfigError("--train_list, --test_list and --image_size need --dataset folder")
         seed, imbsam = self.protocol == "seed", self.opt == "imbsam"
         spec = self._defaults()
+        self._resolve_decode()
         self._default("model", "resnet34" if seed else spec.default_model)
         self._default("eta", float(spec.default_eta))
         self._default("lr", float(spec.default_lr))
@@ -141,6 +148,22 @@ class Config:
         n_max = max(folder_counts(self.data_dir, self.imb_factor, self.selection,
                                   self.train_list, self.test_list))
         return folder_spec("folder", 0, n_max, (3, 1, 1), (), ())
+
+    def _resolve_decode(self) -> None:
+        """``decode`` cache or stream (``auto``: :func:`train.stream.resolve_decode`); a
+        streamed folder without ``image_size`` gets ``train.stream.STREAM_IMAGE_SIZE``."""
+        check_choice("decode", self.decode, ConfigError)
+        if self.dataset != "folder":
+            if self.decode == "stream":
+                raise ConfigError("--decode stream needs --dataset folder")
+            object.__setattr__(self, "decode", "cache")
+            return
+        from train.stream import STREAM_IMAGE_SIZE, resolve_decode
+
+        object.__setattr__(self, "decode", resolve_decode(
+            self.decode, self.data_dir, self.image_size, self.train_list, self.test_list))
+        if self.decode == "stream":
+            self._default("image_size", STREAM_IMAGE_SIZE)
 
     def _check_types(self) -> None:
         """Each field's JSON type (a config file may hold anything): one clear line if wrong."""
@@ -196,6 +219,7 @@ class Config:
         integer("save_every", 1, 10**6)
         integer("width", 1, 2**16)
         integer("seed", 0, 2**63 - 1)
+        integer("workers", 0, 1024)
         if self.image_size is not None:
             integer("image_size", 1, 2**15)
         if not re.fullmatch(r"auto|cpu|cuda(:\d{1,4})?", self.device):
@@ -218,12 +242,19 @@ class Config:
                                  self.train_list, self.test_list)
         return class_counts(self.spec.n_max, self.spec.num_classes, self.imb_factor)
 
-    def load_data(self, download: bool = True) -> LongTailData:
+    def load_data(self, download: bool = True) -> "LongTailData | StreamData":
         """The run's long-tailed training set and balanced test set (uint8, on the CPU).
 
         CIFAR is read from ``data_dir`` (downloaded there when ``download`` and the network
-        allow); an image folder is decoded once and cached (:mod:`train.folder`).
+        allow); an image folder is decoded once and cached (:mod:`train.folder`), or with
+        ``decode="stream"`` only listed (a :class:`train.stream.StreamData`, decoded by its
+        loaders; ImageNet's normalisation).
         """
+        if self.dataset == "folder" and self.decode == "stream":
+            from train.stream import load_stream_cached
+
+            return load_stream_cached(self.data_dir, self.imb_factor, self.selection,
+                                      self.image_size, self.train_list, self.test_list)
         if self.dataset == "folder":
             from train.folder import load_folder_cached
 

@@ -39,6 +39,7 @@ from train.losses import build_loss
 from train.models import build_model
 from train.optim import GroupSAM, group_sample_weights
 from train.protocol import learning_rate, selects_best
+from train.stream import StreamData, StreamLoader, run_loaders, stream_batches
 
 __all__ = ["train", "evaluate", "TrainingDiverged", "RunExists", "Trainer"]
 
@@ -52,21 +53,27 @@ class RunExists(ConfigError):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: LongTailData, groups: dict[str, list[int]],
-             tta: bool = False, batch_size: int = 1000) -> dict[str, float]:
+def evaluate(model: nn.Module, data: LongTailData | StreamData, groups: dict[str, list[int]],
+             tta: bool = False, batch_size: int = 1000, loader: Optional[StreamLoader] = None
+             ) -> dict[str, float]:
     """Test accuracy in %: overall (mean per class), many / medium / few, head / tail.
 
     With ``tta`` the logits of each image and of its mirror image are averaged (the seed code's
     test-time augmentation). The model is put in eval mode and returned to its previous mode.
+    Streamed ``data`` is read through ``loader``, its test loader (``Trainer.test_loader``).
     """
     was_training = model.training
     model.eval()
+    if loader is None:
+        device, n = data.test_y.device, data.test_y.shape[0]
+        batches = ((normalize(data.test_x[s:s + batch_size], data.spec),
+                    data.test_y[s:s + batch_size]) for s in range(0, n, batch_size))
+    else:
+        device, batches = loader.device, stream_batches(loader, data.spec, epoch=0)
     num_classes = data.spec.num_classes
-    correct = torch.zeros(num_classes, device=data.test_y.device)
-    total = torch.zeros(num_classes, device=data.test_y.device)
-    for start in range(0, data.test_y.shape[0], batch_size):
-        x = normalize(data.test_x[start:start + batch_size], data.spec)
-        y = data.test_y[start:start + batch_size]
+    correct = torch.zeros(num_classes, device=device)
+    total = torch.zeros(num_classes, device=device)
+    for x, y in batches:
         logits = model(x)
         if tta:
             logits = (logits + model(x.flip(3))) / 2
@@ -84,7 +91,8 @@ def evaluate(model: nn.Module, data: LongTailData, groups: dict[str, list[int]],
 
 @dataclass
 class Trainer:
-    """The live objects of a run: data on the device, model, loss, optimizer step."""
+    """The live objects of a run: data on the device (or streamed by its two loaders), model,
+    loss, optimizer step."""
 
     config: Config
     data: LongTailData
@@ -95,6 +103,8 @@ class Trainer:
     group_of_class: torch.Tensor
     group_scale: Optional[torch.Tensor]
     device: torch.device
+    train_loader: Optional[StreamLoader] = None  # decode stream: this rank's part of a batch
+    test_loader: Optional[StreamLoader] = None  # every rank evaluates every test image
 
     @classmethod
     def build(cls, config: Config, data: Optional[LongTailData] = None,
@@ -126,8 +136,13 @@ class Trainer:
         if p.groups == ("head", "tail"):
             group_of_class[config.groups["tail"]] = 1
             group_scale = torch.tensor([1.0, config.tail_scale], device=device)
-        return cls(config, data, model, loss_fn, base, step, group_of_class.to(device),
-                   group_scale, device)
+        trainer = cls(config, data, model, loss_fn, base, step, group_of_class.to(device),
+                      group_scale, device)
+        if isinstance(data, StreamData):
+            trainer.train_loader, trainer.test_loader = run_loaders(
+                data, config.batch_size, workers=config.workers, seed=config.seed,
+                device=device, rank=distributed.rank(), world=distributed.world())
+        return trainer
 
     def train_epoch(self, epoch: int) -> float:
         """Runs 0-based ``epoch``; returns the mean training loss (raises on a non-finite one)."""
@@ -137,10 +152,15 @@ class Trainer:
         rhos = p.rhos(epoch)
         self.model.train()
         losses, sizes = [], []
-        world, n = distributed.world(), self.data.train_y.shape[0]
-        shard = (distributed.rank(), world) if world > 1 else None  # torchrun: this rank's part
-        generator = epoch_generator(config.seed, epoch)
-        batches = train_batches(self.data, config.batch_size, generator, shard=shard)
+        world = distributed.world()
+        if self.train_loader is not None:  # one item per global batch, empty parts included
+            n = len(self.data.train.paths)
+            batches = stream_batches(self.train_loader, self.data.spec, epoch)
+        else:
+            n = self.data.train_y.shape[0]
+            shard = (distributed.rank(), world) if world > 1 else None  # this rank's part
+            generator = epoch_generator(config.seed, epoch)
+            batches = train_batches(self.data, config.batch_size, generator, shard=shard)
         for start, (inputs, targets) in zip(range(0, n, config.batch_size), batches):
             size = min(config.batch_size, n - start)  # of the global batch
             losses.append(self.train_step(inputs, targets, rhos, size))
@@ -342,7 +362,8 @@ def _run_epochs(trainer: Trainer, out: Path, start: int, progress: bool, log, is
                "train_loss": train_loss, "stage": p.stage(epoch),
                "rho": dict(zip(p.groups, p.rhos(epoch)))}
         if _evaluates(config, epoch):
-            accuracy = evaluate(trainer.model, trainer.data, config.groups, config.tta)
+            accuracy = evaluate(trainer.model, trainer.data, config.groups, config.tta,
+                                loader=trainer.test_loader)
             row.update(accuracy, tta=config.tta)
             bar.set_postfix(loss=f"{train_loss:.3f}", acc=f"{accuracy['acc']:.1f}")
         row["seconds"] = time.perf_counter() - began
@@ -384,7 +405,8 @@ def write_results(trainer: Trainer, out: Path) -> dict:
     if saved is not None:
         model = copy.deepcopy(trainer.model)
         model.load_state_dict(saved["model"])
-        accuracy = evaluate(model, trainer.data, config.groups, tta=True)
+        accuracy = evaluate(model, trainer.data, config.groups, tta=True,
+                            loader=trainer.test_loader)
         results["test_selected"] = {"epoch": saved["epoch"], "tta": True, **accuracy,
                                     "selected_on": "test set, every 10th epoch, no TTA"}
     atomic_write_json(out / files.RESULTS, results)

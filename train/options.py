@@ -23,7 +23,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = ["DATASETS", "SELECTIONS", "MODELS", "LOSSES", "OPTIMIZERS", "OPTIMIZER_LABELS",
-           "GROUP_REDUCTIONS", "BN_UPDATES", "PROTOCOLS", "PERTURBATIONS", "CHOICES",
+           "GROUP_REDUCTIONS", "BN_UPDATES", "PROTOCOLS", "PERTURBATIONS", "DECODES", "CHOICES",
            "check_choice"]
 
 DATASETS = ("digits", "cifar10", "cifar100", "folder")
@@ -38,11 +38,14 @@ BN_UPDATES = ("w", "all")  # BatchNorm running statistics from the forward at w,
 PROTOCOLS = ("ours", "seed")  # the paper as written, or the SSE-SAM authors' code (protocol.py)
 # Under torchrun: e_G from the all-reduced gradient, or each rank's own (train/optim.py)
 PERTURBATIONS = ("global", "local")
+# An image folder decoded once into a uint8 cache, or in DataLoader workers every epoch
+# (train/stream); auto: stream above train.stream.CACHE_LIMIT_BYTES. Stored resolved.
+DECODES = ("cache", "stream", "auto")
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "dataset": DATASETS, "selection": SELECTIONS, "model": MODELS, "loss": LOSSES,
     "opt": OPTIMIZERS, "group_reduction": GROUP_REDUCTIONS, "bn_update": BN_UPDATES,
-    "protocol": PROTOCOLS, "perturbation": PERTURBATIONS,
+    "protocol": PROTOCOLS, "perturbation": PERTURBATIONS, "decode": DECODES,
 }
 _NOUN = {"opt": "optimizer"}  # what the messages call a field, where it is not its name
 

@@ -6,7 +6,9 @@ training pixels), ``train.stream`` keeps only the file list and decodes every ba
 * :mod:`train.stream.loader`: :func:`load_stream` (the files and the long-tailed cut of
   :func:`train.folder.load_folder`), :func:`make_loader` (one persistent DataLoader a run,
   pinned memory on CUDA), :func:`stream_batches` (normalised batches on the device, the
-  streamed ``train.data.train_batches``), :func:`choose_decode` (``cache`` or ``stream``).
+  streamed ``train.data.train_batches``), :func:`choose_decode` (``cache`` or ``stream``) and
+  :func:`resolve_decode` (``Config.decode``), :class:`StreamSamples` (a class group's files as
+  test-view batches, for the Hessian).
 * :mod:`train.stream.augment`: RandomResizedCrop + flip for training, resize + centre crop
   for testing, with torchvision or with small tensor ops, from a generator per sample.
 * :mod:`train.stream.sampler`: :class:`EpochBatches`, the epoch's global order (the cached
@@ -36,11 +38,13 @@ Example:
 from train.stream.augment import BACKENDS, CropFlip, draw_crop, sample_generator, \
     test_transform, train_transform
 from train.stream.loader import CACHE_LIMIT_BYTES, DECODES, IMAGENET_MEAN, IMAGENET_STD, \
-    FolderImages, StreamData, StreamLoader, cache_bytes, choose_decode, load_stream, \
-    make_loader, stream_batches
+    STREAM_IMAGE_SIZE, FolderImages, StreamData, StreamLoader, StreamSamples, cache_bytes, \
+    choose_decode, load_stream, load_stream_cached, make_loader, resolve_decode, run_loaders, \
+    stream_batches
 from train.stream.sampler import EpochBatches
 
 __all__ = ["BACKENDS", "CropFlip", "draw_crop", "sample_generator", "test_transform",
            "train_transform", "CACHE_LIMIT_BYTES", "DECODES", "IMAGENET_MEAN", "IMAGENET_STD",
-           "FolderImages", "StreamData", "StreamLoader", "cache_bytes", "choose_decode",
-           "load_stream", "make_loader", "stream_batches", "EpochBatches"]
+           "STREAM_IMAGE_SIZE", "FolderImages", "StreamData", "StreamLoader", "StreamSamples",
+           "cache_bytes", "choose_decode", "load_stream", "load_stream_cached", "make_loader",
+           "resolve_decode", "run_loaders", "stream_batches", "EpochBatches"]

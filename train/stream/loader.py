@@ -14,11 +14,15 @@ ImageNet recipes use): computing the kept images' own statistics, as the cache d
 a decode of the whole set before the first step.
 
 :func:`choose_decode` is the automatic choice between the two paths: the cache holds every file
-of both splits as ``uint8`` in memory, so stream above :data:`CACHE_LIMIT_BYTES`.
+of both splits as ``uint8`` in memory, so stream above :data:`CACHE_LIMIT_BYTES`;
+:func:`resolve_decode` applies it to a folder (``Config.decode``), and a streamed run without
+``image_size`` gets :data:`STREAM_IMAGE_SIZE`. :class:`StreamSamples` serves a fixed list of
+files (a class group's, for the Hessian) as test-view batches, never all in memory.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,16 +32,19 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from train.data import DataError, DatasetSpec, normalize
-from train.folder import FolderIndex, folder_spec, kept_training, scan
+from train.folder import FolderIndex, _content_key, folder_spec, kept_training, scan
+from train.options import DECODES
 from train.stream.augment import draw_crop, resolve_backend, sample_generator, \
     test_transform, train_transform
 from train.stream.sampler import EpochBatches
 
-__all__ = ["CACHE_LIMIT_BYTES", "DECODES", "IMAGENET_MEAN", "IMAGENET_STD", "cache_bytes",
-           "choose_decode", "StreamData", "load_stream", "FolderImages", "StreamLoader",
-           "make_loader", "stream_batches"]
+__all__ = ["CACHE_LIMIT_BYTES", "DECODES", "IMAGENET_MEAN", "IMAGENET_STD", "STREAM_IMAGE_SIZE",
+           "cache_bytes", "choose_decode", "resolve_decode", "StreamData", "load_stream",
+           "load_stream_cached", "FolderImages", "StreamLoader", "make_loader", "run_loaders",
+           "stream_batches",
+           "StreamSamples"]
 
-DECODES = ("cache", "stream", "auto")
+STREAM_IMAGE_SIZE = 224  # a streamed run's image_size when none is given (ImageNet's)
 CACHE_LIMIT_BYTES = 4 * 2**30  # 4 GiB of uint8 pixels: above it, "auto" streams
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -63,6 +70,31 @@ def choose_decode(n_images: int, image_shape: Sequence[int], *,
     return "cache" if cache_bytes(n_images, image_shape) <= limit else "stream"
 
 
+def resolve_decode(decode: str, data_dir, image_size=None, train_list=None, test_list=None
+                   ) -> str:
+    """``decode`` of a folder dataset with ``auto`` resolved by :func:`choose_decode`.
+
+    The cache's image shape is ``(3, image_size, image_size)``, or without ``image_size`` the
+    first training image's (read from its header: the cache keeps the images' own size).
+    """
+    if decode != "auto":
+        return decode
+    train, test = scan(data_dir, train_list, test_list)
+    if image_size is not None:
+        shape = (3, image_size, image_size)
+    else:
+        from PIL import Image
+
+        try:
+            with Image.open(train.root / train.paths[0]) as image:
+                shape = (3, image.height, image.width)
+        except OSError as error:
+            raise DataError(f"{train.root / train.paths[0]}: not a readable image "
+                            f"({type(error).__name__})") from None
+    # The limit is read here at each call (choose_decode's default is fixed at import).
+    return choose_decode(len(train.paths) + len(test.paths), shape, limit=CACHE_LIMIT_BYTES)
+
+
 @dataclass(frozen=True)
 class StreamData:
     """A streamed dataset: the kept training files, the test files, and what the run needs.
@@ -73,6 +105,7 @@ class StreamData:
         test: every test file.
         counts: training images per class.
         classes: the class names.
+        fingerprint: the cached path's ``LongTailData.fingerprint`` of the same files.
     """
 
     spec: DatasetSpec
@@ -80,6 +113,12 @@ class StreamData:
     test: FolderIndex
     counts: list[int]
     classes: list[str]
+    fingerprint: str = ""
+
+    def to(self, device) -> "StreamData":
+        """Itself: the files stay on disk, the loaders move each batch (as ``LongTailData.to``
+        moves the tensors)."""
+        return self
 
 
 def load_stream(data_dir, imb_factor: float = 1.0, selection: str = "first",
@@ -93,7 +132,23 @@ def load_stream(data_dir, imb_factor: float = 1.0, selection: str = "first",
                         tuple(train.labels[k] for k in kept), train.classes)
     spec = folder_spec("folder", len(train.classes), max(counts), (3, image_size, image_size),
                        IMAGENET_MEAN, IMAGENET_STD)
-    return StreamData(spec, train, test, list(counts), list(train.classes))
+    key = _content_key(train, range(len(train.paths)), test)
+    return StreamData(spec, train, test, list(counts), list(train.classes), key)
+
+
+@functools.lru_cache(maxsize=2)
+def _loaded(root: str, imb_factor: float, selection: str, image_size: int, train_list,
+            test_list) -> StreamData:
+    return load_stream(root, imb_factor, selection, image_size, train_list, test_list)
+
+
+def load_stream_cached(data_dir, imb_factor: float, selection: str, image_size: int,
+                       train_list=None, test_list=None) -> StreamData:
+    """:func:`load_stream`, remembered for this process (a config's spec, its trainer and its
+    analysis ask for the same files)."""
+    absolute = [None if p is None else str(Path(p).resolve()) for p in (train_list, test_list)]
+    return _loaded(str(Path(data_dir).resolve()), float(imb_factor), selection, int(image_size),
+                   *absolute)
 
 
 def _open_rgb(path: Path):
@@ -214,6 +269,17 @@ def make_loader(index: FolderIndex, train: bool, batch_size: int, *, workers: in
     return StreamLoader(dataset, sampler, workers, torch.device(device))
 
 
+def run_loaders(data: StreamData, batch_size: int, *, workers: int, seed: int,
+                device: torch.device | str, rank: int = 0, world: int = 1
+                ) -> tuple[StreamLoader, StreamLoader]:
+    """A training run's two loaders: training (this rank's part of every global batch) and
+    test (every test image, on every rank: each rank evaluates the whole test set)."""
+    size = data.spec.image_shape[-1]
+    common = dict(workers=workers, seed=seed, image_size=size, device=device)
+    return (make_loader(data.train, True, batch_size, rank=rank, world=world, **common),
+            make_loader(data.test, False, batch_size, **common))
+
+
 def stream_batches(loader: StreamLoader, spec: DatasetSpec, epoch: int, start_batch: int = 0
                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Normalised ``(inputs, targets)`` on the loader's device: the streamed ``train_batches``."""
@@ -221,3 +287,43 @@ def stream_batches(loader: StreamLoader, spec: DatasetSpec, epoch: int, start_ba
     for images, labels in loader.batches(epoch, start_batch):
         images = images.to(loader.device, non_blocking=non_blocking)
         yield normalize(images, spec), labels.to(loader.device, non_blocking=non_blocking)
+
+
+class StreamSamples:
+    """A fixed list of files as normalised, un-augmented batches (the test view), decoded again
+    for every pass: a class group's samples for :class:`landscape.hvp.GroupHessian`.
+
+    Args:
+        index: the files, in the order the batches follow.
+        spec: the run's dataset spec (normalisation).
+        image_size: the side of the square images.
+        workers: decoding processes per pass (0: in this process).
+        device: where the batches go.
+    """
+
+    def __init__(self, index: FolderIndex, spec: DatasetSpec, image_size: int, *,
+                 workers: int = 0, device: torch.device | str = "cpu"):
+        self.index, self.spec, self.image_size = index, spec, image_size
+        self.workers, self.device = workers, torch.device(device)
+        self._loader = None  # (key, StreamLoader): the last range's, its workers kept
+
+    def __len__(self) -> int:
+        return len(self.index.paths)
+
+    @property
+    def targets(self) -> torch.Tensor:
+        return torch.tensor(self.index.labels, dtype=torch.int64)
+
+    def batches(self, batch_size: int, start: int = 0, stop: int | None = None
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(inputs, targets)`` of samples ``start .. stop - 1`` in batches of ``batch_size``."""
+        stop = len(self) if stop is None else stop
+        if stop <= start:
+            return iter(())
+        key = (start, stop, batch_size)
+        if self._loader is None or self._loader[0] != key:
+            part = FolderIndex(self.index.root, self.index.paths[start:stop],
+                               self.index.labels[start:stop], self.index.classes)
+            self._loader = key, make_loader(part, False, batch_size, workers=self.workers,
+                                            image_size=self.image_size, device=self.device)
+        return stream_batches(self._loader[1], self.spec, epoch=0)
