@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from landscape.errors import AnalysisError
+from landscape.options import SPLITS
 
 __all__ = ["add_parser", "run_classes"]
 
@@ -33,7 +34,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0,
                    help="seed of Lanczos, the probes and the subsample [0]")
     p.add_argument("--samples", type=int, help="at most N samples per class [all]")
-    p.add_argument("--split", choices=("train", "test"), default="train",
+    p.add_argument("--split", choices=SPLITS, default="train",
                    help="the classes' samples [train]")
     p.add_argument("--trace_hvps", type=int, default=99, help="HVPs per Hutch++ trace [99]")
     p.add_argument("--density", action="store_true", help="also the SLQ spectral densities")

@@ -30,18 +30,21 @@ import sys
 from pathlib import Path
 
 from landscape.errors import AnalysisError
+from landscape.options import AUTO_FLOAT64_MAX_PARAMS, DTYPES, SPLITS, TRACE_METHODS
+from train.options import LOSSES
 
 __all__ = ["add_parser", "run_hessian", "run_spectrum"]
 
 
 def _common(p) -> None:
     p.add_argument("checkpoint", help="epoch_NNNN.pt, or a run folder (its newest checkpoint)")
-    p.add_argument("--split", choices=("train", "test"), default="train",
+    p.add_argument("--split", choices=SPLITS, default="train",
                    help="the group's samples, not augmented [train]")
-    p.add_argument("--loss", choices=("CE", "LDAM", "VS", "LA"),
+    p.add_argument("--loss", choices=LOSSES,
                    help="per-sample loss [the run's own]")
-    p.add_argument("--dtype", choices=("auto", "float64", "float32"), default="auto",
-                   help="dtype of the Hessian-vector products; auto: float64 up to 50,000 "
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="dtype of the Hessian-vector products; auto: float64 up to "
+                        f"{AUTO_FLOAT64_MAX_PARAMS:,} "
                         "parameters, float32 above (landscape.hessian.analysis_dtype; the "
                         "Lanczos recurrence is float64 either way) [auto]")
     p.add_argument("--batch_size", type=int,
@@ -64,7 +67,7 @@ def add_parser(subparsers) -> None:
     h.add_argument("--top", type=int, default=1, help="largest eigenvalues [1]")
     h.add_argument("--bottom", type=int, default=1, help="smallest (most negative) [1]")
     h.add_argument("--trace", action="store_true", help="also estimate the trace (Hutch++)")
-    h.add_argument("--trace_method", choices=("hutch++", "hutchinson"), default="hutch++")
+    h.add_argument("--trace_method", choices=TRACE_METHODS, default="hutch++")
     h.add_argument("--trace_hvps", type=int, default=99, help="HVPs for the trace [99]")
     h.add_argument("--tol", type=float, default=1e-6,
                    help="Lanczos residual tolerance, relative to ||H|| [1e-6]")

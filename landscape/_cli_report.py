@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from landscape.errors import AnalysisError
+from landscape.options import AUTO_FLOAT64_MAX_PARAMS, DTYPES, SPLITS
 from train.cli_base import add_threads, set_threads
 
 DEMO_OPTIMIZERS = ("sgd", "sam", "imbsam", "ssesam")
@@ -35,12 +36,13 @@ def _add_report_options(p, threads: str = "torch's default") -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of Lanczos and of the probes [0]")
     p.add_argument("--tol", type=float, default=1e-4,
                    help="relative residual tolerance of the extreme eigenpairs [1e-4]")
-    p.add_argument("--split", choices=("train", "test"), default="train",
+    p.add_argument("--split", choices=SPLITS, default="train",
                    help="the groups' samples [train]")
     p.add_argument("--groups", default="head,tail", help="groups compared [head,tail]")
     p.add_argument("--no_densities", action="store_true", help="skip the SLQ densities")
-    p.add_argument("--dtype", choices=("auto", "float64", "float32"), default="auto",
-                   help="dtype of the Hessian-vector products; auto: float64 up to 50,000 "
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="dtype of the Hessian-vector products; auto: float64 up to "
+                        f"{AUTO_FLOAT64_MAX_PARAMS:,} "
                         "parameters, float32 above [auto]")
     p.add_argument("--classes", default="",
                    help="also the per-class sweep of the final checkpoints: all, or class ids "

@@ -36,10 +36,10 @@ import numpy as np
 import torch
 
 from landscape.errors import AnalysisError
+from landscape.options import DTYPES, IGNORE, NORMALIZATIONS, ONE_D, SCALES, SPLITS, SURFACE_METHODS
 from train.options import LOSSES
 
 DIRECTIONS = ("random", "eigen", "pca", "interp")
-SCALES = ("log", "linear")
 
 
 def _directions_arg(text: str) -> str:
@@ -76,9 +76,9 @@ def add_parser(subparsers) -> None:
                         "interp: about -0.5 1.5, with 0 and 1 on the grid]")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the random directions / of Lanczos's start vector [0]")
-    p.add_argument("--normalization", choices=("filter", "layer", "none"), default="filter",
+    p.add_argument("--normalization", choices=NORMALIZATIONS, default="filter",
                    help="of random directions [filter]")
-    p.add_argument("--one_d", choices=("zero", "weights"), default="zero",
+    p.add_argument("--one_d", choices=ONE_D, default="zero",
                    help="1-D parameters (biases, BatchNorm) of random directions [zero]")
     p.add_argument("--eigen_group", help="group whose Hessian gives eigen directions "
                                          "[first of --groups]")
@@ -91,9 +91,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--no_states", action="store_true",
                    help="interp: keep the start's BatchNorm running statistics all along the "
                         "line [moved with the weights, so both ends are the checkpoints]")
-    p.add_argument("--ignore", choices=("biasbn",),
+    p.add_argument("--ignore", choices=IGNORE,
                    help="pca: leave out 1-D parameters (biases, BatchNorm scales and shifts)")
-    p.add_argument("--split", choices=("train", "test"), default="train",
+    p.add_argument("--split", choices=SPLITS, default="train",
                    help="evaluation samples [train]")
     p.add_argument("--loss", choices=LOSSES, help="per-sample loss [the run's own]")
     p.add_argument("--levels", type=int, default=30, help="filled contour bands [30]")
@@ -104,8 +104,8 @@ def add_parser(subparsers) -> None:
                    help="of the loss contours [log]")
     p.add_argument("--vtk", metavar="PATH", help="also write the 2-D surface as a legacy VTK "
                                                  "structured grid (ParaView)")
-    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    p.add_argument("--method", choices=("loop", "vmap"), default="loop",
+    p.add_argument("--dtype", choices=DTYPES[1:], default="float32")
+    p.add_argument("--method", choices=SURFACE_METHODS, default="loop",
                    help="evaluation of grid points (see landscape/surface.py) [loop]")
     p.add_argument("--batch_size", type=int, help="samples per forward pass [all, max 4096]")
     p.add_argument("--save_every", type=int, help="grid points between saves [one row]")

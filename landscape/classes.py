@@ -41,6 +41,7 @@ from landscape.errors import AnalysisError
 from landscape.hvp import GroupHessian
 from landscape.layout import ParamLayout, parse_patterns
 from landscape.load import Run
+from landscape.options import SPLITS
 from landscape.slq import SpectralDensity, gaussian_density, slq
 from landscape.traces import hutchpp_trace
 
@@ -87,7 +88,7 @@ class SweepSettings:
             raise AnalysisError(f"samples must be an integer >= 1, got {self.samples!r}")
         if not (isinstance(self.tol, (int, float)) and 0 < self.tol < 1):
             raise AnalysisError(f"tol must be in (0, 1), got {self.tol!r}")
-        if self.split not in ("train", "test"):
+        if self.split not in SPLITS:
             raise AnalysisError(f"split must be train or test, got {self.split!r}")
 
 

@@ -52,6 +52,7 @@ import torch.nn as nn
 
 from landscape.errors import AnalysisError
 from landscape.layout import ParamLayout
+from landscape.options import IGNORE, NORMALIZATIONS, ONE_D
 from train import checkpoint as ckpt
 
 __all__ = [
@@ -60,9 +61,6 @@ __all__ = [
     "interpolation_direction", "interpolation_axis", "trajectory_pca",
 ]
 
-NORMALIZATIONS = ("filter", "layer", "none")
-ONE_D = ("zero", "weights")
-IGNORE = ("biasbn",)
 
 
 @dataclass(frozen=True, eq=False)

@@ -35,10 +35,11 @@ from torch.func import functional_call
 
 from landscape.errors import AnalysisError
 from landscape.layout import ParamLayout
+from landscape.options import SURFACE_METHODS
 
 __all__ = ["SurfaceEvaluator", "METHODS"]
 
-METHODS = ("loop", "vmap")
+METHODS = SURFACE_METHODS
 
 
 class SurfaceEvaluator:

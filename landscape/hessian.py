@@ -37,20 +37,15 @@ from landscape.hvp import DEFAULT_METHOD, GroupHessian
 from landscape.layout import Patterns
 from landscape.eigen import EigenResult, extreme_eigenpairs
 from landscape.load import Group, Run
+from landscape.options import AUTO_FLOAT64_MAX_PARAMS, TRACE_METHODS
 from landscape.slq import SpectralDensity, slq
 from landscape.traces import TraceEstimate, hutchinson_trace, hutchpp_trace
 
 __all__ = ["HessianSummary", "Provenance", "hessian_summary", "spectral_densities", "save_spectra",
-           "group_label", "TRACE_METHODS", "DTYPES", "AUTO_FLOAT64_MAX_PARAMS", "analysis_dtype"]
+           "group_label", "TRACE_METHODS", "TORCH_DTYPES", "AUTO_FLOAT64_MAX_PARAMS",
+           "analysis_dtype"]
 
-TRACE_METHODS = ("hutch++", "hutchinson")
-DTYPES = {"float64": torch.float64, "float32": torch.float32}
-# dtype="auto" (the default) takes float64 products up to this many parameters and float32
-# products above, the Lanczos recurrence and its basis staying float64 either way
-# (landscape.lanczos). Measured by bench/bench_dtype.py (BENCHMARKS.md, "Analysis dtype and
-# probe blocks"): MLPs up to 85k parameters lose nothing to float64, convolutional networks
-# from the 81k-parameter ResNet-8 on are 7-9x slower in it.
-AUTO_FLOAT64_MAX_PARAMS = 50_000
+TORCH_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
 def analysis_dtype(dtype: Union[str, torch.dtype], n_params: int) -> torch.dtype:
@@ -65,9 +60,9 @@ def analysis_dtype(dtype: Union[str, torch.dtype], n_params: int) -> torch.dtype
         return dtype
     if dtype == "auto":
         return torch.float64 if int(n_params) <= AUTO_FLOAT64_MAX_PARAMS else torch.float32
-    if dtype not in DTYPES:
+    if dtype not in TORCH_DTYPES:
         raise AnalysisError(f"dtype must be auto, float32 or float64, got {dtype!r}")
-    return DTYPES[dtype]
+    return TORCH_DTYPES[dtype]
 
 
 def _resolved(dtype, run, params) -> torch.dtype:

@@ -62,10 +62,10 @@ from torch.func import functional_call
 
 from landscape import _distributed
 from landscape.layout import ParamLayout, Patterns, parse_patterns
+from landscape.options import HVP_METHODS
 
 __all__ = ["GroupHessian", "HVP_METHODS", "DEFAULT_METHOD", "default_batch_size"]
 
-HVP_METHODS = ("double-backward", "forward-over-reverse")
 DEFAULT_METHOD = "double-backward"
 
 PerSampleLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

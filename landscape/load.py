@@ -30,6 +30,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
+from landscape.options import SPLITS
 from train import checkpoint as ckpt
 from train.config import Config, ConfigError, identity_changes
 from train.data import LongTailData, normalize
@@ -175,7 +176,7 @@ class Run:
     def _positions(self, group: Group, split: str, samples: Optional[int], seed: int
                    ) -> torch.Tensor:
         """Positions in the split of :meth:`group_data`'s samples (checked, subsampled)."""
-        if split not in ("train", "test"):
+        if split not in SPLITS:
             raise GroupError(f"split must be train or test, got {split!r}")
         if samples is not None and (isinstance(samples, bool) or int(samples) < 1):
             raise GroupError(f"samples must be an integer >= 1, got {samples!r}")

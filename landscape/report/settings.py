@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from landscape.errors import AnalysisError
+from landscape.options import SPLITS
 
 __all__ = ["ReportSettings", "DEFAULT_SETTINGS", "SPLITS"]
 
-SPLITS = ("train", "test")
 
 
 @dataclass(frozen=True)
