@@ -76,7 +76,7 @@ def run_left_alone(folder: Path, argv: list[str]) -> Path:
     from train.loop import train
 
     out = folder / "run"
-    config, _, _, _, _ = parse(argv + ["--out", str(out)])
+    config, *_ = parse(argv + ["--out", str(out)])
     train(config, out, progress=False, log=lambda message: None)
     return out
 

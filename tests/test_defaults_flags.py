@@ -43,13 +43,18 @@ def test_ignored_flags_follow_the_presets():
         assert ignored_flags(opt, reads) == []
 
 
-def test_an_ignored_flag_is_one_warning_line_and_training_goes_on(capsys):
-    config, *_ = train_cli.parse(["--opt", "sgd", "--rho", "0.2", "--head_rho", "0.1"])
-    err = capsys.readouterr().err
-    assert err.strip().splitlines() == ["warning: --opt sgd ignores --rho, --head_rho"]
+def test_an_ignored_flag_is_one_warning_line_and_training_goes_on(capsys, tmp_path):
+    config, *_, notices = train_cli.parse(["--opt", "sgd", "--rho", "0.2", "--head_rho", "0.1"])
+    assert notices == ["warning: --opt sgd ignores --rho, --head_rho"]
     assert config.opt == "sgd" and config.rho == 0.2
-    train_cli.parse(["--opt", "ssesam", "--head_rho", "0.1", "--gamma", "0.5"])
-    assert capsys.readouterr().err == ""
+    assert train_cli.parse(["--opt", "ssesam", "--head_rho", "0.1", "--gamma", "0.5"])[-1] == []
+    argv = ["--opt", "sgd", "--rho", "0.2", "--epochs", "1", "--width", "4", "--no_progress",
+            "--out", str(tmp_path / "run")]
+    assert train_cli.main(argv) == 0  # said once training starts, and it trains
+    assert capsys.readouterr().err.strip().splitlines() == ["warning: --opt sgd ignores --rho"]
+    assert train_cli.main(argv) == 2  # bad input (the run exists): its one line, no warning
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "already holds a run" in err[0]
 
 
 def test_threads_on_the_training_command(monkeypatch, capsys):

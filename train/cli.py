@@ -151,8 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
 _NOT_CONFIG = ("out", "resume", "overwrite", "no_progress", "threads")
 
 
-def parse(argv: Optional[Sequence[str]] = None) -> tuple[Config, Path, bool, bool, bool]:
-    """Arguments to ``(config, out, resume, overwrite, progress)``; raises on bad input."""
+def parse(argv: Optional[Sequence[str]] = None
+          ) -> tuple[Config, Path, bool, bool, bool, list[str]]:
+    """Arguments to ``(config, out, resume, overwrite, progress, notices)``; raises on bad
+    input. ``notices`` are warning lines for :func:`train.loop.train` to say once it starts."""
     args = vars(build_parser().parse_args(argv))
     given = {k: v for k, v in args.items() if k not in _NOT_CONFIG}
     set_threads(args.get("threads"))
@@ -177,19 +179,19 @@ def parse(argv: Optional[Sequence[str]] = None) -> tuple[Config, Path, bool, boo
     else:
         config = Config(**given)
         out = Path(args.get("out") or f"checkpoints/{config.dataset}-{config.opt}-{config.loss}")
-    _warn_ignored(config.opt, given)
-    return config, out, resume, bool(args.get("overwrite")), not args.get("no_progress", False)
+    notices = _ignored_warning(config.opt, given)
+    return (config, out, resume, bool(args.get("overwrite")), not args.get("no_progress", False),
+            notices)
 
 
-def _warn_ignored(opt: str, given) -> None:
+def _ignored_warning(opt: str, given) -> list[str]:
     """One warning line for the optimizer settings given that ``opt`` does not read
-    (:func:`train.optim.ignored_flags`); training goes on."""
+    (:func:`train.optim.ignored_flags`); said once training starts, which it does."""
     from train.optim import ignored_flags
 
     ignored = ignored_flags(opt, given)
-    if ignored:
-        flags = ", ".join(f"--{name}" for name in ignored)
-        _say(f"warning: --opt {opt} ignores {flags}")
+    flags = ", ".join(f"--{name}" for name in ignored)
+    return [f"warning: --opt {opt} ignores {flags}"] if ignored else []
 
 
 def _say(message: str, every_rank: bool = False) -> None:
@@ -224,13 +226,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     out = None
     try:
-        config, out, resume, overwrite, progress = parse(argv)
+        config, out, resume, overwrite, progress, notices = parse(argv)
         device = distributed.setup(config.device)  # torchrun: process group, cuda:LOCAL_RANK
         if device is not None:
             config = config.replace(device=device)
         writer = distributed.is_main()
         train(config, out, resume=resume, overwrite=overwrite, progress=progress and writer,
-              log=_say, is_writer=writer)
+              log=_say, is_writer=writer, notices=notices)
     except distributed.DistributedError as error:
         _say(f"error: {error}", every_rank=True)
         return EXIT_USAGE

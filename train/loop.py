@@ -23,7 +23,7 @@ import copy
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -267,7 +267,7 @@ def _restore(trainer: "Trainer", saved: dict, path: Path) -> None:
 def train(config: Config, out: str | Path, resume: bool = False, overwrite: bool = False,
           progress: bool = True, log: Callable[[str], None] = print,
           data: Optional[LongTailData] = None, reduce_gradients=None,
-          is_writer: bool = True) -> Path:
+          is_writer: bool = True, notices: Sequence[str] = ()) -> Path:
     """Trains ``config`` into the run folder ``out`` and returns it.
 
     Args:
@@ -280,6 +280,8 @@ def train(config: Config, out: str | Path, resume: bool = False, overwrite: bool
         data: a dataset already built (tests); by default it is built from the config.
         reduce_gradients: gradient all-reduce for data parallelism (see :class:`GroupSAM`).
         is_writer: whether this process writes files (rank 0 under torchrun).
+        notices: lines for ``log`` once the folder, the data and the model are known to be
+            good (a warning about the settings; bad input then stays one line).
 
     Raises:
         train.run_folder.RunBusy: another live process writes into ``out`` (the writer holds
@@ -288,12 +290,12 @@ def train(config: Config, out: str | Path, resume: bool = False, overwrite: bool
     out = Path(out)
     with files.RunLock(out, "training") if is_writer else contextlib.nullcontext():
         return _train_locked(config, out, resume, overwrite, progress, log, data,
-                             reduce_gradients, is_writer)
+                             reduce_gradients, is_writer, notices)
 
 
 def _train_locked(config: Config, out: Path, resume: bool, overwrite: bool, progress: bool,
                   log: Callable[[str], None], data: Optional[LongTailData], reduce_gradients,
-                  is_writer: bool) -> Path:
+                  is_writer: bool, notices: Sequence[str] = ()) -> Path:
     # The folder and its newest checkpoint are checked before the (slow) data and model.
     state = _prepare_folder(config, out, resume, overwrite)
     found = _latest_good_checkpoint(out) if state == 0 else None
@@ -301,6 +303,8 @@ def _train_locked(config: Config, out: Path, resume: bool, overwrite: bool, prog
         _refuse_to_start_over(out)
     kept_rows = ckpt.metrics_through(out, found[0]) if found is not None else []
     trainer = Trainer.build(config, data=data, reduce_gradients=reduce_gradients)
+    for line in notices:
+        log(line)
     start = 0
     if found is not None:
         start, saved, path = found
