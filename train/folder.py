@@ -95,7 +95,8 @@ class FolderIndex:
 
 
 def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES)
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES)
 
 
 def _scan_folders(root: Path, split: str, classes: Optional[Sequence[str]]) -> FolderIndex:
