@@ -29,16 +29,21 @@ def _texture(seed: int, size=(64, 64)) -> Image.Image:
     return small.resize(size, Image.BICUBIC)
 
 
-@pytest.fixture(scope="module")
-def jpegs(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("jpegs")
-    for split, n in (("train", TRAIN_PER_CLASS), ("test", TEST_PER_CLASS)):
-        for c, name in enumerate(NAMES):
+def write_jpegs(root: Path, names=NAMES, train_per_class=TRAIN_PER_CLASS,
+                test_per_class=TEST_PER_CLASS) -> Path:
+    """``root/{train,test}/<name>/NNN.jpg``: 64x64 textures, distinct for every file."""
+    for split, n in (("train", train_per_class), ("test", test_per_class)):
+        for c, name in enumerate(names):
             (root / split / name).mkdir(parents=True)
             for i in range(n):
                 seed = 10_000 * (split == "test") + 1000 * c + i
                 _texture(seed).save(root / split / name / f"{i:03d}.jpg", quality=90)
     return root
+
+
+@pytest.fixture(scope="module")
+def jpegs(tmp_path_factory) -> Path:
+    return write_jpegs(tmp_path_factory.mktemp("jpegs"))
 
 
 @pytest.fixture(scope="module")

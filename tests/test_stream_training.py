@@ -17,11 +17,9 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -46,22 +44,12 @@ class Interrupted(BaseException):
     """Stands for a Ctrl-C at one chosen optimizer step."""
 
 
-def _texture(seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    small = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
-    return small.resize((64, 64), Image.BICUBIC)
-
-
 @pytest.fixture(scope="module")
 def jpegs(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("stream_jpegs")
-    for split, n in (("train", TRAIN_PER_CLASS), ("test", TEST_PER_CLASS)):
-        for c, name in enumerate(NAMES):
-            (root / split / name).mkdir(parents=True)
-            for i in range(n):
-                _texture(10_000 * (split == "test") + 1000 * c + i).save(
-                    root / split / name / f"{i:03d}.jpg", quality=90)
-    return root
+    from test_stream import write_jpegs
+
+    return write_jpegs(tmp_path_factory.mktemp("stream_jpegs"), NAMES, TRAIN_PER_CLASS,
+                       TEST_PER_CLASS)
 
 
 def _config(jpegs: Path, **changes) -> Config:
@@ -233,3 +221,22 @@ def test_streamed_group_hessian_equals_the_one_of_the_decoded_images(jpegs, tmp_
     assert streamed.loss() == pytest.approx(decoded.loss(), rel=1e-10)
     gx, gy = run.group_data("tail")  # the whole group decoded: the same samples
     assert torch.equal(gy, y) and torch.allclose(gx, x)
+
+
+def test_hessian_cli_streams_a_group_without_decoding_it_whole(jpegs, tmp_path, monkeypatch):
+    from landscape.cli import main as landscape_main
+    from landscape.load import Run
+
+    run_dir = train(_config(jpegs, epochs=1), tmp_path / "run", progress=False,
+                    log=lambda m: None)
+
+    def whole(*args, **kwargs):
+        raise AssertionError("a streamed group was decoded whole")
+
+    monkeypatch.setattr(Run, "group_data", whole)
+    out = tmp_path / "tail.json"
+    assert landscape_main(["hessian", str(run_dir), "--group", "tail", "--top", "1",
+                           "--bottom", "1", "--batch_size", "32", "--device", "cpu",
+                           "--no_progress", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["n_samples"] == 75 and len(result["top"]) == 1 and len(result["bottom"]) == 1
