@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from landscape.errors import AnalysisError
-from landscape.options import SPLITS
+from landscape.options import AUTO_FLOAT64_MAX_PARAMS, DTYPES, SPLITS
 
 __all__ = ["add_parser", "run_classes"]
 
@@ -42,6 +42,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--params", metavar="PATTERN[,PATTERN]",
                    help="the Hessian block of the parameters matching these globs (e.g. "
                         "layer4.*,fc.*), the others fixed [all parameters]")
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help=f"dtype of the Hessian-vector products; auto: float64 up to "
+                        f"{AUTO_FLOAT64_MAX_PARAMS:,} parameters, float32 above [auto]")
     p.add_argument("--batch_size", type=int, help="samples per forward pass [as hessian]")
     p.add_argument("--no_cache", action="store_true", help="neither read nor write the cache")
     p.add_argument("--json", metavar="OUT", help="write the results here (else print them)")
@@ -72,7 +75,7 @@ def run_classes(args) -> int:
     _check_outputs(args)
     SweepSettings(steps=args.steps, tol=args.tol, seed=args.seed, samples=args.samples,
                   trace_hvps=args.trace_hvps, probes=args.probes,
-                  params=args.params)  # bad numbers: one line
+                  params=args.params, dtype=args.dtype)  # bad numbers: one line
     run = load(args.checkpoint, device=args.device)
     ids = parse_classes(run, args.classes)
     if args.params is not None:  # matches nothing: one line before a progress bar
@@ -92,7 +95,7 @@ def run_classes(args) -> int:
                             samples=args.samples, split=args.split, trace_hvps=args.trace_hvps,
                             density=args.density, probes=args.probes, cache=not args.no_cache,
                             batch_size=args.batch_size, progress=bar.update if bar else None,
-                            params=args.params)
+                            params=args.params, dtype=args.dtype)
     finally:
         if bar is not None:
             bar.close()

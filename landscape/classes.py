@@ -33,7 +33,6 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
-import torch
 
 from landscape import _distributed
 from landscape.eigen import extreme_eigenpairs, saddle_ratio
@@ -41,7 +40,7 @@ from landscape.errors import AnalysisError
 from landscape.hvp import GroupHessian
 from landscape.layout import ParamLayout, parse_patterns
 from landscape.load import Run
-from landscape.options import SPLITS
+from landscape.options import DTYPES, SPLITS
 from landscape.slq import SpectralDensity, gaussian_density, slq
 from landscape.traces import hutchpp_trace
 
@@ -64,6 +63,8 @@ class SweepSettings:
         probes: SLQ probes.
         params: the parameter globs of a Hessian block (``None``: every parameter;
             :class:`landscape.hvp.GroupHessian`), parsed to a tuple.
+        dtype: of the Hessian-vector products, ``auto``, ``float64`` or ``float32``
+            (:func:`landscape.hessian.analysis_dtype`; the Lanczos recurrence is float64).
     """
 
     steps: int = 100
@@ -75,6 +76,7 @@ class SweepSettings:
     density: bool = False
     probes: int = 10
     params: Optional[tuple[str, ...]] = None
+    dtype: str = "auto"
 
     def __post_init__(self) -> None:
         if self.params is not None:
@@ -90,6 +92,8 @@ class SweepSettings:
             raise AnalysisError(f"tol must be in (0, 1), got {self.tol!r}")
         if self.split not in SPLITS:
             raise AnalysisError(f"split must be train or test, got {self.split!r}")
+        if self.dtype not in DTYPES:
+            raise AnalysisError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
 
 
 @dataclass(frozen=True)
@@ -204,14 +208,17 @@ def _class_result(run: Run, class_id: int, settings: SweepSettings, cache: bool,
                   batch_size: Optional[int], progress) -> ClassResult:
     from landscape.report.cache import cached_entry
 
+    from landscape.hessian import analysis_dtype
+
     s = settings
     x, y = run.group_data([class_id], s.split, samples=s.samples, seed=s.seed)
+    dtype = analysis_dtype(s.dtype, ParamLayout.of(run.model).n)
     made: list[GroupHessian] = []
 
     def op() -> GroupHessian:  # built on first use: a fully cached class builds nothing
         if not made:
             made.append(GroupHessian(run.model, run.loss_fn(), x, y, batch_size=batch_size,
-                                     dtype=torch.float64, progress=progress, params=s.params))
+                                     dtype=dtype, progress=progress, params=s.params))
         return made[0]
 
     def extremes():
@@ -229,7 +236,8 @@ def _class_result(run: Run, class_id: int, settings: SweepSettings, cache: bool,
 
     name = f"class_{class_id}"
     key = {"kind": "class-extremes", "class": class_id, "split": s.split, "samples": s.samples,
-           "n_samples": len(y), "loss": run.config.loss, "seed": s.seed, "dtype": "float64",
+           "n_samples": len(y), "loss": run.config.loss, "seed": s.seed,
+           "dtype": str(dtype).removeprefix("torch."),
            **({} if s.params is None else {"params": list(s.params)})}
     found = cached_entry(run, name, {**key, "steps": s.steps, "tol": s.tol}, extremes, cache)
     found.update(cached_entry(run, name, {**key, "kind": "class-trace", "method": "hutch++",
@@ -250,7 +258,8 @@ def _class_result(run: Run, class_id: int, settings: SweepSettings, cache: bool,
 def class_sweep(run: Run, classes: Union[str, Sequence[int]] = "all", *, steps: int = 100,
                 tol: float = 1e-4, seed: int = 0, samples: Optional[int] = None,
                 split: str = "train", trace_hvps: int = 99, density: bool = False,
-                probes: int = 10, cache: bool = True, batch_size: Optional[int] = None,
+                probes: int = 10, dtype: str = "auto", cache: bool = True,
+                batch_size: Optional[int] = None,
                 progress: Optional[Callable[[int], object]] = None,
                 params=None) -> ClassSweep:
     """The per-class sweep of ``run``'s checkpoint (module docstring).
@@ -258,7 +267,7 @@ def class_sweep(run: Run, classes: Union[str, Sequence[int]] = "all", *, steps: 
     Args:
         run: a loaded checkpoint (:func:`landscape.load`).
         classes: ``"all"``, ``"0,3,7"`` or a list of class ids.
-        steps, tol, seed, samples, split, trace_hvps, density, probes, params: see
+        steps, tol, seed, samples, split, trace_hvps, density, probes, params, dtype: see
             :class:`SweepSettings` (``params``: globs, ``"layer4.*,fc.*"`` or a list).
         cache: read and write ``RUN_DIR/hessian/epoch_NNNN_class_C.json``.
         batch_size: samples per forward pass (results do not depend on it).
@@ -270,7 +279,7 @@ def class_sweep(run: Run, classes: Union[str, Sequence[int]] = "all", *, steps: 
     """
     settings = SweepSettings(steps=steps, tol=tol, seed=seed, samples=samples, split=split,
                              trace_hvps=trace_hvps, density=density, probes=probes,
-                             params=params)
+                             params=params, dtype=dtype)
     if params is not None:
         ParamLayout.of(run.model).select(settings.params)  # matches nothing: fail at once
     ids = parse_classes(run, classes)

@@ -10,6 +10,7 @@ import pytest
 
 import landscape
 from landscape import plots
+from landscape.errors import AnalysisError
 from landscape.hvp import GroupHessian
 from landscape.report import ReportSettings, build_report, write_report
 from _reference import CNN_GROUP, dense_group_hessian, dense_hessian
@@ -36,6 +37,18 @@ def test_mlp_classes_match_dense_hessians(tiny_mlp_path):
         assert r.group == ("head" if r.class_id in run.groups["head"] else "tail")
         assert r.train_count == run.config.counts[r.class_id] == r.n_samples
         _check_against_dense(r, dense_group_hessian(run, [r.class_id]).numpy())
+
+
+def test_class_sweep_dtype(tiny_mlp_path):
+    """float32 products (a float64 recurrence) agree with float64 to float32's precision; the
+    dtype is part of the cache key, and a bad one is refused."""
+    run = landscape.load(tiny_mlp_path, device="cpu")
+    f64 = landscape.class_sweep(run, "6", cache=False, dtype="float64", **TOL).classes[0]
+    f32 = landscape.class_sweep(run, "6", cache=False, dtype="float32", **TOL).classes[0]
+    assert f32.lambda_max == pytest.approx(f64.lambda_max, rel=1e-4)
+    assert f32.lambda_max != f64.lambda_max  # really computed in another precision
+    with pytest.raises(AnalysisError, match="dtype must be one of auto, float64, float32"):
+        landscape.class_sweep(run, "6", cache=False, dtype="float16")
 
 
 def test_cnn_class_with_batchnorm_and_vs_loss_and_subsample(tiny_cnn_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from landscape.errors import AnalysisError
-from landscape.options import SPLITS
+from landscape.options import DTYPES, SPLITS
 
 __all__ = ["ReportSettings", "DEFAULT_SETTINGS", "SPLITS"]
 
@@ -62,7 +62,7 @@ class ReportSettings:
             raise AnalysisError(f"split must be train or test, got {self.split!r}")
         if not self.groups:
             raise AnalysisError("no groups to compare")
-        if self.dtype not in ("auto", "float64", "float32"):
+        if self.dtype not in DTYPES:
             raise AnalysisError(f"dtype must be auto, float64 or float32, got {self.dtype!r}")
         ids = str(self.classes).replace(",", " ").split()
         if self.classes not in ("", "all") and not all(i.isdigit() for i in ids):
