@@ -152,9 +152,11 @@ def plot_indicators_html(series, path: PathLike, switches: Optional[Mapping[str,
         fig.update_xaxes(title_text="epoch", row=len(_INDICATORS), col=col)
     if switches:
         names = ", ".join(f"{r} stage II from epoch {e}" for r, e in switches.items())
-        fig.add_annotation(text=f"dashed: {names}", xref="paper", yref="paper", x=0, y=-0.06,
-                           showarrow=False, xanchor="left")
-    fig.update_layout(height=950, title=title or _TITLE, template=PLOTLY_TEMPLATE)
+        fig.add_annotation(text=f"dashed: {names}", xref="paper", yref="paper", x=0, y=-0.1,
+                           showarrow=False, xanchor="left", yanchor="top")
+    # the bottom margin keeps the note below the x-axis titles, not on them
+    fig.update_layout(height=950, title=title or _TITLE, template=PLOTLY_TEMPLATE,
+                      margin={"b": 110})
     return save_html(fig, path)
 
 
