@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from _ranks import free_port, shared_folder, spawn_two_ranks
 import torch
-import torch.multiprocessing as mp
 
 from train import checkpoint as ckpt
 from train import distributed
@@ -39,12 +38,6 @@ CASES = {
     "sam_cnn_bn": Config(dataset="digits", model="cnn", opt="sam", epochs=2, batch_size=64,
                          device="cpu"),
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_case(config: Config, data) -> dict:
@@ -127,14 +120,12 @@ def two_ranks(tmp_path_factory):
     # temporary folders have a common parent): the first to get the lock runs it.
     from filelock import FileLock
 
-    shared = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):  # gw0, gw1: .../pytest-N/popen-gwK
-        shared = shared.parent
+    shared = shared_folder(tmp_path_factory)
     folder = shared / "ddp_two_ranks"
     with FileLock(str(shared / "ddp_two_ranks.lock")):
         if not (folder / "done").exists():
             folder.mkdir(exist_ok=True)
-            mp.spawn(_worker, args=(2, free_port(), str(folder)), nprocs=2, join=True)
+            spawn_two_ranks(tmp_path_factory, _worker, str(folder))
             (folder / "done").write_text("")
     return folder, [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(2)]
 

@@ -13,11 +13,10 @@ from __future__ import annotations
 import copy
 import math
 import os
-import socket
 
 import pytest
+from _ranks import spawn_two_ranks
 import torch
-import torch.multiprocessing as mp
 import torch.nn as nn
 
 from train import distributed
@@ -222,11 +221,8 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+def two_ranks(tmp_path, tmp_path_factory):
+    spawn_two_ranks(tmp_path_factory, _worker, str(tmp_path))
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -178,10 +177,10 @@ def _rank(rank: int, world: int, port: int, folder: str, jpegs: str) -> None:
 
 
 @pytest.mark.slow
-def test_two_gloo_ranks_equal_one_process(jpegs, tmp_path):
-    from test_distributed import free_port
+def test_two_gloo_ranks_equal_one_process(jpegs, tmp_path, tmp_path_factory):
+    from _ranks import spawn_two_ranks
 
-    mp.spawn(_rank, args=(2, free_port(), str(tmp_path), str(jpegs)), nprocs=2, join=True)
+    spawn_two_ranks(tmp_path_factory, _rank, str(tmp_path), str(jpegs))
     one = _final_state(_config(jpegs, model="mlp", epochs=2, batch_size=60))
     initial = Trainer.build(_config(jpegs, model="mlp", epochs=2)).model.state_dict()
     assert max((one["state"][k] - initial[k]).abs().max().item() for k in initial) > 1e-3
