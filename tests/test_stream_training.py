@@ -239,3 +239,17 @@ def test_hessian_cli_streams_a_group_without_decoding_it_whole(jpegs, tmp_path, 
                            "--no_progress", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["n_samples"] == 75 and len(result["top"]) == 1 and len(result["bottom"]) == 1
+
+
+def test_report_on_a_streamed_run_evaluates_from_the_folder(jpegs, tmp_path):
+    """Epoch 0 has no metrics row: the report evaluates it, reading the test folder through a
+    loader (it crashed on streamed data before)."""
+    import landscape
+    from landscape.report.build import _final_accuracy
+
+    run_dir = train(_config(jpegs, epochs=1), tmp_path / "run", progress=False,
+                    log=lambda m: None)
+    run = landscape.load(run_dir / "epoch_0000.pt", device="cpu")
+    accuracy = _final_accuracy(run)
+    assert set(accuracy) >= {"acc", "acc_head", "acc_tail"}
+    assert all(0 <= v <= 100 for v in accuracy.values() if v == v)

@@ -104,9 +104,16 @@ def _final_accuracy(run) -> dict[str, float]:
     for row in ckpt.read_metrics(run.run_dir):
         if row.get("epoch") == run.epoch:
             return {k: float(v) for k, v in row.items() if k.startswith("acc")}
-    from train.loop import evaluate
+    from train.evaluation import evaluate
 
-    return evaluate(run.model, run.data, run.groups, tta=run.config.tta)
+    loader = None
+    if run.streamed:  # the test images are read from the folder, batch by batch
+        from train.stream import make_loader
+
+        loader = make_loader(run.data.test, False, 256, workers=run.config.workers,
+                             seed=run.config.seed, image_size=run.data.spec.image_shape[-1],
+                             device=run.device)
+    return evaluate(run.model, run.data, run.groups, tta=run.config.tta, loader=loader)
 
 
 def _labels(found: Sequence[tuple[Path, dict]]) -> list[str]:
