@@ -219,12 +219,12 @@ def write_subset_folder(batches: Path, out: Path, train: int, test: int) -> Path
     import numpy as np
     from PIL import Image
 
-    from train.data import _read_cifar_batch  # the restricted unpickler of the CIFAR reader
+    from train.cifar import read_batch  # the restricted unpickler of the CIFAR reader
 
     splits = {"train": ([f"data_batch_{i}" for i in range(1, 6)], train),
               "test": (["test_batch"], test)}
     for split, (names, keep) in splits.items():
-        parts = [_read_cifar_batch(batches / n, "labels") for n in names]
+        parts = [read_batch(batches / n, "labels") for n in names]
         x, y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
         for c in range(10):
             folder = out / split / f"class{c}"

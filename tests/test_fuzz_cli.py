@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import landscape  # noqa: E402
 from landscape import cli as landscape_cli  # noqa: E402
 from train import checkpoint as ckpt  # noqa: E402
-from train import data as train_data  # noqa: E402
+from train import cifar as train_cifar  # noqa: E402
 from train import loop  # noqa: E402
 from train.cli import build_parser as train_parser, main as train_main  # noqa: E402
 from train.config import ConfigError  # noqa: E402
@@ -93,7 +93,7 @@ def quick_training(monkeypatch, tmp_path):
     Everything before an analysis's computation runs (parsing, checks, loading the run).
     """
     monkeypatch.setattr(loop, "_run_epochs", lambda *args, **kwargs: None)
-    monkeypatch.setattr(train_data, "_download_cifar", lambda *args, **kwargs: None)
+    monkeypatch.setattr(train_cifar, "download", lambda *args, **kwargs: None)
 
     def reached(*args, **kwargs):
         raise Reached()

@@ -164,16 +164,16 @@ def test_data_stage_decodes_the_archive(tmp_path):
     """Through ``saddle_cifar10.build_data``: the images in class-then-file order. (The subset
     is cut from a CIFAR folder below: a tiny archive leaves data_batch_2..5 empty, and the CIFAR
     reader's restricted unpickler refuses an empty array's pickle.)"""
-    from train.data import _read_cifar_batch
+    from train.cifar import read_batch
 
     archive = tmp_path / "cifar10-jpeg.tar.gz"
     first = _write_archive(archive, train=6, test=3)
     data = gpu_check.prepare_data(archive, tmp_path / "work", subset=None)
     assert data == tmp_path / "work" / "data"
-    x, y = _read_cifar_batch(data / "cifar-10-batches-py" / "data_batch_1", "labels")
+    x, y = read_batch(data / "cifar-10-batches-py" / "data_batch_1", "labels")
     assert y.tolist() == np.repeat(np.arange(10), 6).tolist()  # 60 images, all in batch 1
     np.testing.assert_array_equal(x[6].transpose(1, 2, 0), first["train", 1])
-    x, y = _read_cifar_batch(data / "cifar-10-batches-py" / "test_batch", "labels")
+    x, y = read_batch(data / "cifar-10-batches-py" / "test_batch", "labels")
     np.testing.assert_array_equal(x[27].transpose(1, 2, 0), first["test", 9])
 
 

@@ -24,10 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import pickle
-import shutil
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
@@ -304,82 +301,6 @@ def _digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return images[is_train], labels[is_train], images[np.sort(test)], labels[np.sort(test)]
 
 
-class _ArrayUnpickler(pickle.Unpickler):
-    """Unpickles the CIFAR batches (dicts of numpy arrays and lists) and nothing else.
-
-    The CIFAR files are pickles; a plain ``pickle.load`` would run any code a tampered file
-    names. Only the numpy reconstruction functions those files use are allowed.
-    """
-
-    _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"), ("_codecs", "encode"),
-    }
-
-    def find_class(self, module: str, name: str):
-        if (module, name) in self._ALLOWED:
-            return super().find_class(module, name)
-        raise DataError(f"refusing to unpickle {module}.{name} from a CIFAR file")
-
-
-def _read_cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
-    try:
-        with open(path, "rb") as f:
-            batch = _ArrayUnpickler(f, encoding="latin1").load()
-        images = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-        labels = np.asarray(batch[label_key], dtype=np.int64)
-    except DataError as error:  # a refused class: say in which file
-        raise DataError(f"{path}: {error}") from None
-    except Exception as error:  # a truncated or foreign file: say which one
-        raise DataError(f"{path}: not a readable CIFAR batch ({type(error).__name__}: {error})")
-    if len(images) != len(labels):
-        raise DataError(f"{path}: {len(images)} images but {len(labels)} labels")
-    return images, labels
-
-
-_CIFAR_FILES = {
-    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
-                "labels", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"),
-    "cifar100": ("cifar-100-python", ["train"], ["test"], "fine_labels",
-                 "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"),
-}
-
-
-def _cifar(name: str, data_dir: str | os.PathLike, download: bool):
-    folder, train_files, test_files, label_key, url = _CIFAR_FILES[name]
-    root = Path(data_dir)
-    needed = [root / folder / f for f in train_files + test_files]
-    if download and not all(p.is_file() for p in needed):
-        _download_cifar(name, root)
-    missing = [p for p in needed if not p.is_file()]
-    if missing:
-        raise DataError(f"{name}: {missing[0]} not found; download {url} and extract it into "
-                        f"{root.resolve()} (or pass --data_dir DIR holding {folder}/)")
-    train = [_read_cifar_batch(p, label_key) for p in needed[:len(train_files)]]
-    test = [_read_cifar_batch(p, label_key) for p in needed[len(train_files):]]
-    return (np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train]),
-            np.concatenate([x for x, _ in test]), np.concatenate([y for _, y in test]))
-
-
-def _download_cifar(name: str, root: Path) -> None:
-    """Downloads CIFAR with torchvision; quietly does nothing when there is no network.
-
-    torchvision creates ``root`` before it tries the network; a failed download removes the
-    folder again if it did not exist before, so bad input leaves nothing behind.
-    """
-    existed = root.exists()
-    try:
-        from train._torchvision import import_torchvision
-
-        datasets = import_torchvision().datasets
-        cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
-        cls(str(root), train=True, download=True)
-    except Exception:  # no network, or no torchvision: the caller names the missing file
-        if not existed:
-            shutil.rmtree(root, ignore_errors=True)
-
-
 def load_dataset(name: str, imb_factor: float, selection: str = "first",
                  data_dir: str | os.PathLike = "data", download: bool = True) -> LongTailData:
     """Builds the long-tailed training set and the balanced test set of ``name``.
@@ -397,7 +318,9 @@ def load_dataset(name: str, imb_factor: float, selection: str = "first",
     if name == "digits":
         train_x, train_y, test_x, test_y = _digits()
     else:
-        train_x, train_y, test_x, test_y = _cifar(name, data_dir, download)
+        from train.cifar import load_cifar
+
+        train_x, train_y, test_x, test_y = load_cifar(name, data_dir, download)
     highest = max(train_y.max(initial=0), test_y.max(initial=0))
     if train_y.min(initial=0) < 0 or highest >= spec.num_classes:
         raise DataError(f"{name}: labels outside 0..{spec.num_classes - 1}")
