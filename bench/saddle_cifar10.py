@@ -405,25 +405,51 @@ def table(root: Path) -> str:
 
 
 def _plot_surfaces(surfaces: dict, path: Path) -> Path:
-    """One contour panel a run: the tail loss over (top, bottom) tail eigenvectors."""
+    """Top row: the tail loss over the plane of the (top, bottom) tail eigenvectors, one panel a
+    run. Bottom row: the two cuts through the centre, as the change from the centre's loss: at
+    a saddle the loss falls on both sides along the bottom eigenvector."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(surfaces), figsize=(4.2 * len(surfaces), 3.8), squeeze=False)
-    levels = np.quantile(np.concatenate([np.ravel(r["loss"]) for r in surfaces.values()]),
-                         np.linspace(0, 1, 16))
-    for ax, ((name, epoch, _), r) in zip(axes[0], sorted(surfaces.items())):
-        axis = np.array(r["axis"])
-        im = ax.contourf(axis, axis, np.array(r["loss"]), levels=levels, cmap="viridis")
-        ax.contour(axis, axis, np.array(r["loss"]), levels=levels, colors="k", linewidths=0.3)
+    runs = sorted(surfaces.items())
+    fig, axes = plt.subplots(2, len(runs), figsize=(3.6 * len(runs), 7.0), squeeze=False,
+                             constrained_layout=True)
+    every = np.concatenate([np.ravel(r["loss"]) for _, r in runs])
+    levels = np.geomspace(every.min(), every.max(), 16)
+    for k, ((name, epoch, _), r) in enumerate(runs):
+        axis, loss = np.array(r["axis"]), np.array(r["loss"])
+        centre = len(axis) // 2
+        ax = axes[0][k]
+        im = ax.contourf(axis, axis, loss, levels=levels, cmap="viridis",
+                         norm=matplotlib.colors.LogNorm())
+        ax.contour(axis, axis, loss, levels=levels, colors="k", linewidths=0.3)
         ax.plot(0, 0, "r+", markersize=10)
         ax.set_title(f"{_label(name)}, epoch {epoch}", fontsize=9)
-        ax.set_xlabel("top tail eigenvector")
-        ax.set_ylabel("bottom tail eigenvector")
-    fig.colorbar(im, ax=axes[0].tolist(), label=f"tail loss ({r['samples']} images)")
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+        ax.set_xlabel("along the top tail eigenvector")
+        if k == 0:
+            ax.set_ylabel("along the bottom tail eigenvector")
+        cut = axes[1][k]
+        cut.plot(axis, loss[:, centre] - loss[centre, centre], "o-", ms=3, color="#d62728",
+                 label="bottom eigenvector")
+        cut.plot(axis, loss[centre, :] - loss[centre, centre], "s--", ms=3, color="#1f77b4",
+                 label="top eigenvector")
+        cut.axhline(0, color="black", linewidth=0.6)
+        cut.set_ylim(-0.6, 1.5)
+        cut.set_xlabel("step from the checkpoint")
+        cut.set_title(f"tail loss at the centre: {loss[centre, centre]:.3f}", fontsize=9)
+        if k == 0:
+            cut.set_ylabel("tail loss - its value at the centre")
+            cut.legend(fontsize=7, loc="upper left")
+        cut.grid(alpha=0.3)
+    bar = fig.colorbar(im, ax=axes[0].tolist(), label=f"tail loss ({r['samples']} tail images)",
+                       shrink=0.9)
+    ticks = [t for t in (1, 2, 5, 10, 20, 50, 100, 200) if every.min() <= t <= every.max()]
+    bar.set_ticks(ticks, labels=[str(t) for t in ticks])
+    fig.suptitle("Tail loss around the final checkpoint, on the tail Hessian's extreme "
+                 "eigenvectors (CIFAR-10-LT, ResNet-8)", fontsize=10)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
 
@@ -444,18 +470,23 @@ def figures(root: Path) -> list[Path]:
             data[key].append(epoch if key == "epoch" else r[key])
     switches = {_label(n): config_of(n, root / "data").preset().switch for n in RUNS
                 if RUNS[n]["opt"] == "ssesam" and _label(n) in series}
+    title = (f"CIFAR-10-LT IF=100, ResNet-8: saddle indicators over training, "
+             f"{ANALYSIS['curve']['samples']} images a group (λmin < 0: a saddle)")
     if series:
-        written.append(plots.plot_indicators_png(series, out / "indicators.png", switches))
-        written.append(plots.plot_indicators_html(series, out / "indicators.html", switches))
+        written.append(plots.plot_indicators_png(series, out / "indicators.png", switches,
+                                                 title=title))
+        written.append(plots.plot_indicators_html(series, out / "indicators.html", switches,
+                                                  title=title))
     densities = _results(root, "density")
     panels: dict = {}
     for (name, _, group), r in densities.items():
         panels.setdefault(_label(name), {})[group] = (np.array(r["grid"]), np.array(r["density"]))
     if panels:
-        written.append(plots.plot_density_panels_png(panels, out / "densities.png",
-                                                     title="Hessian spectral densities, final"))
+        title = (f"Hessian spectral densities at epoch {COMMON['epochs']}, head vs tail "
+                 f"(SLQ, {ANALYSIS['density']['samples']} images a group)")
+        written.append(plots.plot_density_panels_png(panels, out / "densities.png", title=title))
         written.append(plots.plot_density_panels_html(panels, out / "densities.html",
-                                                      title="Hessian spectral densities, final"))
+                                                      title=title))
     surfaces = _results(root, "surface")
     if surfaces:
         written.append(_plot_surfaces(surfaces, out / "surface_tail.png"))

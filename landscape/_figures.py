@@ -50,22 +50,26 @@ def save_html(fig, path: PathLike) -> Path:
     return Path(path)
 
 
+_LOG_TICKS = (1.0, 2.0, 3.0, 5.0)
+
+
 def plain_log_axis(axis) -> None:
-    """Log-axis ticks at 1, 2, 5 x 10^k written as plain numbers (``20``, not ``2 x 10^1``),
-    so that they stay narrow and never run into the axis label."""
-    axis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    """Log-axis ticks at 1, 2, 3, 5 x 10^k written as plain numbers (``20``, not
+    ``2 x 10^1``), so that they stay narrow and never run into the axis label, and an axis
+    spanning less than a decade still gets two or more labels."""
+    axis.set_major_locator(ticker.LogLocator(base=10, subs=_LOG_TICKS))
     axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     axis.set_minor_formatter(ticker.NullFormatter())
 
 
 def plotly_log_axis(values: Sequence[float]) -> dict:
-    """Plotly log-axis settings with the ticks of :func:`plain_log_axis` (1, 2, 5 x 10^k as
+    """Plotly log-axis settings with the ticks of :func:`plain_log_axis` (1, 2, 3, 5 x 10^k as
     plain numbers) over the positive ``values``: the same ticks as the PNG."""
     positive = [v for v in values if np.isfinite(v) and v > 0]
     if not positive:
         return {"type": "log"}
     low, high = np.floor(np.log10(min(positive))), np.ceil(np.log10(max(positive)))
-    ticks = [m * 10.0 ** k for k in range(int(low), int(high) + 1) for m in (1, 2, 5)]
+    ticks = [m * 10.0 ** k for k in range(int(low), int(high) + 1) for m in _LOG_TICKS]
     ticks = [t for t in ticks if min(positive) / 1.5 <= t <= max(positive) * 1.5]
     return {"type": "log", "tickvals": ticks, "ticktext": [f"{t:g}" for t in ticks]}
 
@@ -90,6 +94,6 @@ def range_after_first(first: Sequence[float], rest: Sequence[float],
 
 def off_scale_text(epoch: int, values: Sequence[float]) -> str:
     values = sorted(v for v in values if np.isfinite(v))
-    shown = f"{values[0]:.3g}" if len(values) == 1 or values[0] == values[-1] else \
-        f"{values[0]:.3g} to {values[-1]:.3g}"
+    low, high = f"{values[0]:.3g}", f"{values[-1]:.3g}"
+    shown = low if low == high else f"{low} to {high}"
     return f"epoch {epoch} off scale: {shown}"
