@@ -157,6 +157,13 @@ class StageResult:
         return f"failed (exit {bad[0]})" if bad else "ok"
 
 
+def _default_sigint() -> None:
+    """In the child: SIGINT back to its default. A script started in the background (``cmd &``
+    in a non-interactive shell) inherits SIGINT ignored, and the stage's SIGINT would then never
+    let a trainer stop at its last checkpoint."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
     try:
         os.killpg(proc.pid, sig)  # the group: DataLoader workers and other children too
@@ -179,7 +186,8 @@ def run_processes(name: str, commands, limit: float, logs, env=None) -> StageRes
             with open(path, "ab") as out:
                 procs.append(subprocess.Popen(
                     [str(c) for c in command], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                    env={**os.environ, **(env or {})}, start_new_session=True))
+                    env={**os.environ, **(env or {})}, start_new_session=True,
+                    preexec_fn=_default_sigint))
         walls: list[float | None] = [None] * len(procs)
         interrupted = False
         while None in walls:

@@ -67,9 +67,12 @@ def _env(**extra) -> dict:
 def _held(argv: list[str], tmp: Path, name: str, block_at: int) -> tuple[subprocess.Popen, Path]:
     """Starts a held training; returns it and the file it touches once it waits."""
     blocked = tmp / f"{name}.blocked"
+    # SIGINT at its default in the child: a suite started in the background (``cmd &`` in a
+    # non-interactive shell) passes SIGINT on ignored, and Ctrl-C could not be tested.
     process = subprocess.Popen([sys.executable, "-c", HELD, *argv], cwd=ROOT,
                                env=_env(BLOCK_AT=block_at, HOLD=tmp / "hold", BLOCKED=blocked),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     return process, blocked
 
 
