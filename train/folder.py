@@ -311,6 +311,12 @@ def _content_key(train: FolderIndex, kept: np.ndarray, test: FolderIndex) -> str
     return digest.hexdigest()
 
 
+def _resolved(data_dir, train_list, test_list) -> tuple[str, list[Optional[str]]]:
+    """Absolute paths: the memo keys of one folder, however a caller spells it."""
+    lists = [None if p is None else str(Path(p).resolve()) for p in (train_list, test_list)]
+    return str(Path(data_dir).resolve()), lists
+
+
 @functools.lru_cache(maxsize=2)
 def _loaded(root: str, imb_factor: float, selection: str, image_size: Optional[int],
             train_list: Optional[str], test_list: Optional[str]):
@@ -321,9 +327,8 @@ def load_folder_cached(data_dir, imb_factor: float, selection: str, image_size=N
                        train_list=None, test_list=None):
     """:func:`load_folder`, remembered for this process (a config's spec, its trainer and its
     analysis all ask for the same data)."""
-    absolute = [None if p is None else str(Path(p).resolve()) for p in (train_list, test_list)]
-    return _loaded(str(Path(data_dir).resolve()), float(imb_factor), selection, image_size,
-                   *absolute)
+    root, lists = _resolved(data_dir, train_list, test_list)
+    return _loaded(root, float(imb_factor), selection, image_size, *lists)
 
 
 @functools.lru_cache(maxsize=8)
@@ -335,5 +340,5 @@ def _counts(root: str, imb_factor: float, selection: str, train_list, test_list)
 def folder_counts(data_dir, imb_factor: float, selection: str, train_list=None,
                   test_list=None) -> list[int]:
     """The kept training images per class, from the file names alone (nothing decoded)."""
-    absolute = [None if p is None else str(Path(p).resolve()) for p in (train_list, test_list)]
-    return list(_counts(str(Path(data_dir).resolve()), float(imb_factor), selection, *absolute))
+    root, lists = _resolved(data_dir, train_list, test_list)
+    return list(_counts(root, float(imb_factor), selection, *lists))
