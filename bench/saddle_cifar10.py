@@ -20,8 +20,10 @@ Stages:
    computed, cheapest and most needed first), ``--jobs`` processes at a time, one thread each.
 4. ``figures``: the figures and ``ROOT/table.md`` from those files (no computation).
 
-The choices (measured first, see RESULTS.md): ResNet-8 (the CIFAR ResNet family at 1 block a
-stage, 75k parameters, BatchNorm), 30 epochs, batch 128, lr 0.1 cosine, weight decay 5e-4, CE.
+The choices (measured first, see RESULTS.md): batch 128, lr 0.1 cosine, weight decay 5e-4, CE;
+by default ResNet-8 (the CIFAR ResNet family at 1 block a stage, 75k parameters, BatchNorm) for
+30 epochs. ``--model`` and ``--epochs`` choose another size; a root keeps the size it was made
+with (``ROOT/setting.json``), so one root never mixes two.
 ``eta = 1000``: the tail is the classes with fewer than 1,000 images (classes 4-9, 1,536
 images), which mirrors the paper's CIFAR-100 choice (eta = 100 = n_max / 5: Medium and Few are
 tail).
@@ -61,6 +63,62 @@ RUNS = {
     "sgd-s1": dict(opt="sgd", seed=1),
     "ssesam-s1": dict(opt="ssesam", head_rho=0.05, tail_rho=0.1, gamma=0.7, seed=1),
 }
+
+
+MODELS = ("resnet8", "resnet14", "resnet20", "resnet32")
+
+
+def setting_of(root: Path) -> dict:
+    """The root's size (``model``, ``epochs``): what :func:`fix_setting` wrote, or the defaults."""
+    path = root / "setting.json"
+    stored = json.loads(path.read_text()) if path.is_file() else {}
+    return {"model": stored.get("model", COMMON["model"]),
+            "epochs": stored.get("epochs", COMMON["epochs"])}
+
+
+def fix_setting(root: Path, **asked) -> dict:
+    """Binds ``root`` to one size the first time, and refuses another size later.
+
+    A root made before ``setting.json`` existed takes the size of the runs it holds.
+
+    Raises:
+        ValueError: ``asked`` (the flags given, ``None`` = not given) contradicts the root.
+    """
+    from train.io import atomic_write_json
+
+    path = root / "setting.json"
+    if path.is_file():
+        setting = setting_of(root)
+    else:
+        configs = sorted((root / "runs").glob("*/config.json"))
+        made = json.loads(configs[0].read_text()) if configs else {}
+        setting = {k: made.get(k, asked[k] if asked[k] is not None else COMMON[k])
+                   for k in ("model", "epochs")}
+    if asked.get("epochs") is not None and asked["epochs"] < 1:
+        raise ValueError(f"--epochs must be at least 1, not {asked['epochs']}")
+    clash = {k: v for k, v in asked.items() if v is not None and v != setting[k]}
+    if clash:
+        raise ValueError(f"{root} holds the {setting['model']}, {setting['epochs']}-epoch runs; "
+                         f"use another --root for {clash}")
+    if not path.is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, setting)
+    return setting
+
+
+def curve_epochs(end: int, points: int | None = None) -> list[int]:
+    """The curves' checkpoints before ``end``: ``points`` evenly spaced on the ``save_every``
+    grid, every other one first (0, 10, 20, 5, 15, 25 for 30 epochs), so that a curve
+    interrupted half-way still spans the run."""
+    points = points or ANALYSIS["curve"]["points"]
+    every = COMMON["save_every"]
+    step = max(every, round(end / points / every) * every)
+    epochs = list(range(0, end, step))
+    return epochs[::2] + epochs[1::2]
+
+
+def model_label(model: str) -> str:
+    return f"ResNet-{model.removeprefix('resnet')}"
 
 
 def log(message: str) -> None:
@@ -119,14 +177,14 @@ def build_data(archive: Path, root: Path) -> Path:
 # 2. Training
 
 
-def config_of(name: str, data_dir: Path):
+def config_of(name: str, data_dir: Path, setting: dict | None = None):
     from train.config import Config
 
-    return Config(**COMMON, **RUNS[name], data_dir=str(data_dir))
+    return Config(**{**COMMON, **(setting or {})}, **RUNS[name], data_dir=str(data_dir))
 
 
-def finished(run_dir: Path) -> bool:
-    return (run_dir / f"epoch_{COMMON['epochs']:04d}.pt").is_file()
+def finished(root: Path, name: str) -> bool:
+    return (root / "runs" / name / f"epoch_{setting_of(root)['epochs']:04d}.pt").is_file()
 
 
 def train_one(name: str, root: Path) -> None:
@@ -137,15 +195,16 @@ def train_one(name: str, root: Path) -> None:
 
     torch.set_num_threads(1)
     out = root / "runs" / name
-    if finished(out):
+    if finished(root, name):
         return
     resume = (out / "config.json").is_file()
-    train(config_of(name, root / "data"), out, resume=resume, progress=False, log=log)
+    train(config_of(name, root / "data", setting_of(root)), out, resume=resume, progress=False,
+          log=log)
 
 
 def train_all(root: Path, jobs: int, names) -> None:
     """Runs :func:`train_one` for every unfinished run, ``jobs`` processes at a time."""
-    pending = [n for n in names if not finished(root / "runs" / n)]
+    pending = [n for n in names if not finished(root, n)]
     running: list[tuple[str, subprocess.Popen]] = []
     while pending or running:
         while pending and len(running) < jobs:
@@ -179,7 +238,7 @@ def train_all(root: Path, jobs: int, names) -> None:
 ANALYSIS = dict(
     dtype="float32", seed=0,
     final=dict(samples=512, tol=1e-3, max_steps=100),
-    curve=dict(samples=256, tol=1e-3, max_steps=60, epochs=(0, 10, 20, 5, 15, 25)),
+    curve=dict(samples=256, tol=1e-3, max_steps=60, points=6),  # + the end: see curve_epochs
     density=dict(samples=256, probes=3, steps=40),
     surface=dict(samples=512, points=13, span=1.0),
     full=dict(samples=None, tol=1e-3, max_steps=100),  # every image of the group: slow
@@ -193,9 +252,9 @@ def _task_list(root: Path, full: bool = False) -> list[tuple[str, ...]]:
     whole-group extremes."""
     first = [n for n in RUNS if n.endswith("s9826")]
     second = [n for n in RUNS if n not in first]
-    end = COMMON["epochs"]
+    end = setting_of(root)["epochs"]
     tasks = [("final", n, end, g) for n in first + second for g in GROUPS]
-    tasks += [("curve", n, e, g) for e in (*ANALYSIS["curve"]["epochs"], end) for n in first
+    tasks += [("curve", n, e, g) for e in (*curve_epochs(end), end) for n in first
               for g in GROUPS]
     tasks += [("density", n, end, g) for n in first for g in GROUPS]
     tasks += [("surface", n, end, "tail") for n in first]
@@ -368,7 +427,8 @@ def _label(name: str) -> str:
 
 def _final_accuracy(root: Path, name: str) -> dict:
     rows = [json.loads(line) for line in (root / "runs" / name / "metrics.jsonl").open()]
-    return next((r for r in reversed(rows) if r.get("epoch") == COMMON["epochs"]), {})
+    end = setting_of(root)["epochs"]
+    return next((r for r in reversed(rows) if r.get("epoch") == end), {})
 
 
 def _hours(root: Path, name: str) -> float:
@@ -391,7 +451,7 @@ def table(root: Path) -> str:
                                   for k in ("acc", "acc_many", "acc_medium", "acc_few")]
         ok = []
         for group in GROUPS:
-            r = final.get((name, COMMON["epochs"], group))
+            r = final.get((name, setting_of(root)["epochs"], group))
             cells += ([f"{r['lambda_max']:.3g}", f"{r['lambda_min']:.3g}", f"{r['ratio']:.3g}"]
                       if r else ["-"] * 3)
             ok.append("yes" if r and r["converged"] else "no" if r else "-")
@@ -404,7 +464,7 @@ def table(root: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot_surfaces(surfaces: dict, path: Path) -> Path:
+def _plot_surfaces(surfaces: dict, path: Path, model: str) -> Path:
     """Top row: the tail loss over the plane of the (top, bottom) tail eigenvectors, one panel a
     run. Bottom row: the two cuts through the centre, as the change from the centre's loss: at
     a saddle the loss falls on both sides along the bottom eigenvector."""
@@ -448,7 +508,7 @@ def _plot_surfaces(surfaces: dict, path: Path) -> Path:
     ticks = [t for t in (1, 2, 5, 10, 20, 50, 100, 200) if every.min() <= t <= every.max()]
     bar.set_ticks(ticks, labels=[str(t) for t in ticks])
     fig.suptitle("Tail loss around the final checkpoint, on the tail Hessian's extreme "
-                 "eigenvectors (CIFAR-10-LT, ResNet-8)", fontsize=10)
+                 f"eigenvectors (CIFAR-10-LT, {model})", fontsize=10)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -459,6 +519,8 @@ def figures(root: Path) -> list[Path]:
 
     out = root / "figures"
     out.mkdir(exist_ok=True)
+    setting = setting_of(root)
+    model = model_label(setting["model"])
     written = [out / "table.md"]
     (out / "table.md").write_text(table(root))
     curves = _results(root, "curve")
@@ -468,9 +530,9 @@ def figures(root: Path) -> list[Path]:
             "epoch": [], "lambda_max": [], "lambda_min": [], "ratio": []})
         for key in data:
             data[key].append(epoch if key == "epoch" else r[key])
-    switches = {_label(n): config_of(n, root / "data").preset().switch for n in RUNS
+    switches = {_label(n): config_of(n, root / "data", setting).preset().switch for n in RUNS
                 if RUNS[n]["opt"] == "ssesam" and _label(n) in series}
-    title = (f"CIFAR-10-LT IF=100, ResNet-8: saddle indicators over training, "
+    title = (f"CIFAR-10-LT IF=100, {model}: saddle indicators over training, "
              f"{ANALYSIS['curve']['samples']} images a group (λmin < 0: a saddle)")
     if series:
         written.append(plots.plot_indicators_png(series, out / "indicators.png", switches,
@@ -482,14 +544,14 @@ def figures(root: Path) -> list[Path]:
     for (name, _, group), r in densities.items():
         panels.setdefault(_label(name), {})[group] = (np.array(r["grid"]), np.array(r["density"]))
     if panels:
-        title = (f"Hessian spectral densities at epoch {COMMON['epochs']}, head vs tail "
+        title = (f"Hessian spectral densities at epoch {setting['epochs']}, head vs tail "
                  f"(SLQ, {ANALYSIS['density']['samples']} images a group)")
         written.append(plots.plot_density_panels_png(panels, out / "densities.png", title=title))
         written.append(plots.plot_density_panels_html(panels, out / "densities.html",
                                                       title=title))
     surfaces = _results(root, "surface")
     if surfaces:
-        written.append(_plot_surfaces(surfaces, out / "surface_tail.png"))
+        written.append(_plot_surfaces(surfaces, out / "surface_tail.png", model))
     return written
 
 
@@ -503,10 +565,16 @@ def main(argv=None) -> int:
     p.add_argument("--full", action="store_true",
                    help="analysis: also the extremes over every image of each group (slow)")
     p.add_argument("--jobs", type=int, default=2, help="training processes at a time")
+    p.add_argument("--model", choices=MODELS, help=f"default {COMMON['model']} (a new root)")
+    p.add_argument("--epochs", type=int, help=f"default {COMMON['epochs']} (a new root)")
     p.add_argument("runs", nargs="*", default=list(RUNS), help="which runs (default: all)")
     args = p.parse_args(argv)
     root = args.root.resolve()
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        fix_setting(root, model=args.model, epochs=args.epochs)
+    except ValueError as e:
+        print(f"saddle_cifar10: {e}", file=sys.stderr)
+        return 2
     if args.stage == "train-one":
         train_one(args.runs[0], root)
         return 0
