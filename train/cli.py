@@ -27,6 +27,7 @@ from train.cli_base import OneLineParser, UsageError, add_threads, one_line, pla
 from train.config import CHOICES, Config, ConfigError
 from train.data import SPECS
 from train.models import DEFAULT_WIDTH
+from train.options import CACHE_LIMIT_BYTES
 
 __all__ = ["main", "build_parser", "UsageError"]
 
@@ -87,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
            type=int, default="none: images keep their size; 224 with --decode stream")
     option(data, "decode", "dataset folder: decode once into a uint8 cache, or in --workers "
            "DataLoader processes every epoch (RandomResizedCrop + flip; test: resize 8/7, centre "
-           "crop); auto streams when the cache would pass 4 GiB")
+           f"crop); auto streams when the cache would pass {CACHE_LIMIT_BYTES / 2**30:g} GiB")
     option(data, "workers", "decoding processes with --decode stream (0: in the training "
            "process)", type=int)
     option(data, "imb_factor", "largest / smallest class", type=float)

@@ -23,7 +23,8 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = ["DATASETS", "SELECTIONS", "MODELS", "LOSSES", "OPTIMIZERS", "OPTIMIZER_LABELS",
-           "GROUP_REDUCTIONS", "BN_UPDATES", "PROTOCOLS", "PERTURBATIONS", "DECODES", "CHOICES",
+           "GROUP_REDUCTIONS", "BN_UPDATES", "PROTOCOLS", "PERTURBATIONS", "DECODES",
+           "CACHE_LIMIT_BYTES", "CHOICES",
            "check_choice"]
 
 DATASETS = ("digits", "cifar10", "cifar100", "folder")
@@ -39,8 +40,9 @@ PROTOCOLS = ("ours", "seed")  # the paper as written, or the SSE-SAM authors' co
 # Under torchrun: e_G from the all-reduced gradient, or each rank's own (train/optim.py)
 PERTURBATIONS = ("global", "local")
 # An image folder decoded once into a uint8 cache, or in DataLoader workers every epoch
-# (train/stream); auto: stream above train.stream.CACHE_LIMIT_BYTES. Stored resolved.
+# (train/stream); auto: stream when the cache would pass CACHE_LIMIT_BYTES. Stored resolved.
 DECODES = ("cache", "stream", "auto")
+CACHE_LIMIT_BYTES = 4 * 2**30  # uint8 pixels of both splits held in memory
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "dataset": DATASETS, "selection": SELECTIONS, "model": MODELS, "loss": LOSSES,

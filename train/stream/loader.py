@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from train.data import DataError, DatasetSpec, normalize
 from train.folder import FolderIndex, _content_key, folder_spec, kept_training, scan
-from train.options import DECODES
+from train.options import CACHE_LIMIT_BYTES, DECODES
 from train.stream.augment import draw_crop, resolve_backend, sample_generator, \
     test_transform, train_transform
 from train.stream.sampler import EpochBatches
@@ -45,7 +45,6 @@ __all__ = ["CACHE_LIMIT_BYTES", "DECODES", "IMAGENET_MEAN", "IMAGENET_STD", "STR
            "StreamSamples"]
 
 STREAM_IMAGE_SIZE = 224  # a streamed run's image_size when none is given (ImageNet's)
-CACHE_LIMIT_BYTES = 4 * 2**30  # 4 GiB of uint8 pixels: above it, "auto" streams
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
