@@ -65,7 +65,7 @@ RUNS = {
 }
 
 
-MODELS = ("resnet8", "resnet14", "resnet20", "resnet32")
+MODELS = ("resnet8", "resnet20", "resnet32")  # the CIFAR ResNets of train.options.MODELS
 
 
 def setting_of(root: Path) -> dict:

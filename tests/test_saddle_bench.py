@@ -46,13 +46,13 @@ def test_a_root_without_setting_takes_its_runs_size(tmp_path):
     defaults."""
     run = tmp_path / "runs" / "sgd-s9826"
     run.mkdir(parents=True)
-    (run / "config.json").write_text(json.dumps({"model": "resnet14", "epochs": 12}))
+    (run / "config.json").write_text(json.dumps({"model": "resnet32", "epochs": 12}))
     with pytest.raises(ValueError):
         saddle.fix_setting(tmp_path, model="resnet8", epochs=None)
     assert not (tmp_path / "setting.json").exists()  # refused: nothing written
-    assert saddle.fix_setting(tmp_path, model=None, epochs=None) == {"model": "resnet14",
+    assert saddle.fix_setting(tmp_path, model=None, epochs=None) == {"model": "resnet32",
                                                                       "epochs": 12}
-    assert saddle.setting_of(tmp_path)["model"] == "resnet14"
+    assert saddle.setting_of(tmp_path)["model"] == "resnet32"
 
 
 def test_an_empty_root_defaults_to_the_committed_experiment(tmp_path):
