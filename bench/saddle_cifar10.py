@@ -66,14 +66,14 @@ RUNS = {
 
 
 MODELS = ("resnet8", "resnet20", "resnet32")  # the CIFAR ResNets of train.options.MODELS
+SIZE = ("model", "epochs")  # what a root's setting.json fixes; the rest is COMMON
 
 
 def setting_of(root: Path) -> dict:
     """The root's size (``model``, ``epochs``): what :func:`fix_setting` wrote, or the defaults."""
     path = root / "setting.json"
     stored = json.loads(path.read_text()) if path.is_file() else {}
-    return {"model": stored.get("model", COMMON["model"]),
-            "epochs": stored.get("epochs", COMMON["epochs"])}
+    return {k: stored.get(k, COMMON[k]) for k in SIZE}
 
 
 def fix_setting(root: Path, **asked) -> dict:
@@ -93,7 +93,7 @@ def fix_setting(root: Path, **asked) -> dict:
         configs = sorted((root / "runs").glob("*/config.json"))
         made = json.loads(configs[0].read_text()) if configs else {}
         setting = {k: made.get(k, asked[k] if asked[k] is not None else COMMON[k])
-                   for k in ("model", "epochs")}
+                   for k in SIZE}
     if asked.get("epochs") is not None and asked["epochs"] < 1:
         raise ValueError(f"--epochs must be at least 1, not {asked['epochs']}")
     clash = {k: v for k, v in asked.items() if v is not None and v != setting[k]}
@@ -440,6 +440,7 @@ def _hours(root: Path, name: str) -> float:
 def table(root: Path) -> str:
     """One row a run: test accuracy (mean per class, no TTA) and the final extremes."""
     final, full = _results(root, "final"), _results(root, "full")
+    end = setting_of(root)["epochs"]
     head = ("| run | acc | many | medium | few | head λmax | head λmin | head ratio | tail λmax "
             "| tail λmin | tail ratio | converged | training (h) |")
     lines = [head, "|" + "---|" * 13]
@@ -451,7 +452,7 @@ def table(root: Path) -> str:
                                   for k in ("acc", "acc_many", "acc_medium", "acc_few")]
         ok = []
         for group in GROUPS:
-            r = final.get((name, setting_of(root)["epochs"], group))
+            r = final.get((name, end, group))
             cells += ([f"{r['lambda_max']:.3g}", f"{r['lambda_min']:.3g}", f"{r['ratio']:.3g}"]
                       if r else ["-"] * 3)
             ok.append("yes" if r and r["converged"] else "no" if r else "-")
