@@ -425,16 +425,10 @@ def _label(name: str) -> str:
     return f"{OPTIMIZER_LABELS[opt]} (seed {seed})"
 
 
-def _final_accuracy(root: Path, name: str) -> dict:
-    rows = [json.loads(line) for line in (root / "runs" / name / "metrics.jsonl").open()]
-    end = setting_of(root)["epochs"]
-    return next((r for r in reversed(rows) if r.get("epoch") == end), {})
-
-
-def _hours(root: Path, name: str) -> float:
-    """Wall-clock hours of the run's epochs (one thread; an upper bound of its CPU time)."""
-    rows = [json.loads(line) for line in (root / "runs" / name / "metrics.jsonl").open()]
-    return sum(r.get("seconds", 0.0) for r in rows) / 3600
+def _epochs(root: Path, name: str) -> list[dict] | None:
+    """The run's metrics.jsonl rows, one an epoch; None when the run has not started."""
+    path = root / "runs" / name / "metrics.jsonl"
+    return [json.loads(line) for line in path.open()] if path.is_file() else None
 
 
 def table(root: Path) -> str:
@@ -445,9 +439,11 @@ def table(root: Path) -> str:
             "| tail λmin | tail ratio | converged | training (h) |")
     lines = [head, "|" + "---|" * 13]
     for name in RUNS:
-        if not (root / "runs" / name / "metrics.jsonl").is_file():
+        rows = _epochs(root, name)
+        if rows is None:
             continue
-        acc = _final_accuracy(root, name)
+        acc = next((r for r in reversed(rows) if r.get("epoch") == end), {})
+        hours = sum(r.get("seconds", 0.0) for r in rows) / 3600  # one thread: >= its CPU time
         cells = [_label(name)] + [f"{acc[k]:.1f}" if k in acc else "-"
                                   for k in ("acc", "acc_many", "acc_medium", "acc_few")]
         ok = []
@@ -456,7 +452,7 @@ def table(root: Path) -> str:
             cells += ([f"{r['lambda_max']:.3g}", f"{r['lambda_min']:.3g}", f"{r['ratio']:.3g}"]
                       if r else ["-"] * 3)
             ok.append("yes" if r and r["converged"] else "no" if r else "-")
-        lines.append("| " + " | ".join(cells + ["/".join(ok), f"{_hours(root, name):.2f}"]) + " |")
+        lines.append("| " + " | ".join(cells + ["/".join(ok), f"{hours:.2f}"]) + " |")
     if full:
         lines += ["", "Whole groups (every training image of the group):", "",
                   "| run | group | λmax | λmin | ratio | converged |", "|---|---|---|---|---|---|"]
