@@ -18,6 +18,8 @@ Stages:
 3. ``analysis``: the Hessian numbers, one JSON file per (run, checkpoint, group, kind) under
    ``ROOT/analysis/`` (written atomically, skipped when present; :data:`ANALYSIS` says what is
    computed, cheapest and most needed first), ``--jobs`` processes at a time, one thread each.
+   A whole-group task (``--full``) keeps each Hessian-vector product in ``TASK.journal/`` as it
+   comes, so that a killed one resumes from its last product (:mod:`landscape.journal`).
 4. ``figures``: the figures and ``ROOT/table.md`` from those files (no computation).
 
 The choices (measured first, see RESULTS.md): batch 128, lr 0.1 cosine, weight decay 5e-4, CE;
@@ -233,7 +235,7 @@ def train_all(root: Path, jobs: int, names) -> None:
 # 1,536 tail images), so every quantity is computed on a fixed subsample of each group
 # (Run.group_data(samples=, seed=0): the same images at every checkpoint and for every
 # optimizer); the whole groups (1,536 tail and 10,870 head images) come last and are left to
-# run on when time allows.
+# run on when time allows, across sessions: their products are journaled (_extremes).
 
 ANALYSIS = dict(
     dtype="float32", seed=0,
@@ -267,17 +269,27 @@ def _result_path(root: Path, kind: str, name: str, epoch: int, group: str) -> Pa
     return root / "analysis" / name / f"{kind}_e{epoch:04d}_{group}.json"
 
 
-def _extremes(run, group: str, settings: dict) -> dict:
+def _extremes(run, group: str, settings: dict, journal: Path | None = None) -> dict:
+    """lambda_max and lambda_min of the group's Hessian; with ``journal``, every product is
+    kept there as it comes (:mod:`landscape.journal`), so that a killed whole-group run (an
+    hour or more of ResNet-20 products) resumes where it stopped, to the same numbers."""
     import torch
 
     from landscape.eigen import extreme_eigenpairs, saddle_ratio
     from landscape.hvp import GroupHessian
+    from landscape.journal import JournaledOperator
 
     x, y = run.group_data(group, samples=settings["samples"], seed=ANALYSIS["seed"])
     op = GroupHessian(run.model, run.loss_fn(), x, y, dtype=getattr(torch, ANALYSIS["dtype"]))
+    if journal is not None:
+        op = JournaledOperator(op, journal, key=dict(
+            checkpoint=str(run.path), group=group, samples=int(len(y)), settings=settings,
+            dtype=ANALYSIS["dtype"], seed=ANALYSIS["seed"], torch=torch.__version__))
     began = time.perf_counter()
     r = extreme_eigenpairs(op, top=1, bottom=1, tol=settings["tol"],
                            max_steps=settings["max_steps"], seed=ANALYSIS["seed"])
+    if journal is not None:
+        log(f"journal {journal.name}: {op.replayed} products replayed, {op.computed} computed")
     return {"lambda_max": float(r.top[0]), "lambda_min": float(r.bottom[0]),
             "ratio": saddle_ratio(float(r.bottom[0]), float(r.top[0])),
             "residuals": [float(r.top_residuals[0]), float(r.bottom_residuals[0])],
@@ -362,6 +374,7 @@ def _compute(root: Path, task: tuple, path: Path) -> None:
     import torch
 
     import landscape
+    import landscape.journal
     from train.io import atomic_write_bytes, atomic_write_json
 
     kind, name, epoch, group = task
@@ -373,7 +386,8 @@ def _compute(root: Path, task: tuple, path: Path) -> None:
     elif kind == "surface":
         result = _surface(run, root, name, ANALYSIS["surface"])
     else:
-        result = _extremes(run, group, ANALYSIS[kind])
+        journal = path.with_suffix(".journal") if kind == "full" else None
+        result = _extremes(run, group, ANALYSIS[kind], journal)
         vectors = result.pop("vectors")
         if kind == "final":  # the surface's directions
             buffer = io.BytesIO()
@@ -382,6 +396,8 @@ def _compute(root: Path, task: tuple, path: Path) -> None:
     result.update(kind=kind, run=name, epoch=epoch, group=group, settings=ANALYSIS[kind],
                   dtype=ANALYSIS["dtype"])
     atomic_write_json(path, result)
+    if kind == "full":  # the result is on disk: its products are no longer needed
+        landscape.journal.remove(path.with_suffix(".journal"))
     log(f"done {kind} {name} epoch {epoch} {group}: "
         + ", ".join(f"{k}={v:.4g}" for k, v in result.items() if isinstance(v, float)))
 

@@ -79,3 +79,52 @@ def test_bad_size_is_one_line_and_exit_2(argv, message, tmp_path, capsys):
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not (tmp_path / "figures").exists()
+
+
+def _root_with(tmp_path, name: str, run_dir: str) -> tuple[Path, int]:
+    """A bench root whose run ``name`` is a copy of a tiny test run; its last epoch."""
+    import shutil
+
+    root = tmp_path / name
+    shutil.copytree(run_dir, root / "runs" / "sgd-s9826")
+    epoch = json.loads((root / "runs" / "sgd-s9826" / "config.json").read_text())["epochs"]
+    (root / "setting.json").write_text(json.dumps({"model": "cnn", "epochs": epoch}))
+    return root, epoch
+
+
+def test_a_killed_whole_group_task_resumes_from_its_journal(tmp_path, tiny_cnn_path,
+                                                             monkeypatch):
+    """The ``full`` task keeps its products as they come: killed after 4, rerun, it computes
+    only the rest, writes the uninterrupted numbers, and removes its journal."""
+    from landscape.hvp import GroupHessian
+
+    plain_root, epoch = _root_with(tmp_path, "plain", tiny_cnn_path)
+    task = ("full", "sgd-s9826", epoch, "tail")
+    saddle.run_task(plain_root, task)
+    plain = json.loads(saddle._result_path(plain_root, *task).read_text())
+
+    root, _ = _root_with(tmp_path, "killed", tiny_cnn_path)
+    products = GroupHessian.matmat
+    calls = []
+
+    def killed_after_four(self, V):
+        if len(calls) == 4:
+            raise KeyboardInterrupt("killed")
+        calls.append(1)
+        return products(self, V)
+
+    monkeypatch.setattr(GroupHessian, "matmat", killed_after_four)
+    with pytest.raises(KeyboardInterrupt):
+        saddle.run_task(root, task)
+    result = saddle._result_path(root, *task)
+    journal = result.with_suffix(".journal")
+    assert not result.exists() and not result.with_suffix(".claim").exists()
+    assert len(list(journal.glob("product_*.pt"))) == 4
+
+    monkeypatch.setattr(GroupHessian, "matmat", products)
+    saddle.run_task(root, task)
+    resumed = json.loads(result.read_text())
+    same = ("lambda_max", "lambda_min", "ratio", "residuals", "steps", "samples", "converged")
+    assert {k: resumed[k] for k in same} == {k: plain[k] for k in same}
+    assert plain["steps"] > 4 and plain["converged"]
+    assert not journal.exists()

@@ -1,0 +1,145 @@
+"""An operator that keeps its products on disk, so that an interrupted eigensolver resumes.
+
+A whole-group Hessian of a CIFAR ResNet over ten thousand images takes an hour or more on a
+CPU, and Lanczos keeps its state in memory: killed, the run would start again from nothing.
+The iteration is deterministic, though. With the same seed, the same operator is asked for the
+same products ``H V`` in the same order, because every ``V`` is computed from the start block
+and the products before it. So :class:`JournaledOperator` writes each product to a folder as
+soon as it has it, beside a digest of the ``V`` that was asked for. Run again, it answers each
+request from the folder for as long as the digests match, then computes on from there. The
+result is the uninterrupted run's, bit for bit, at the cost of the products not yet written.
+
+Two guards keep it from ever mixing two runs:
+
+* ``key``, anything JSON can write, names the operator (say the checkpoint, the group and the
+  dtype). A folder written under another key is emptied first.
+* A request whose digest differs from the stored one (another seed, another tolerance that
+  changed the restarts, another build of torch whose float64 rounding differs) drops that
+  product and every later one; from there on everything is computed.
+
+Only the journal's own files are ever removed (``key.json`` and ``product_NNNNN.pt``);
+anything else in the folder stays.
+
+Example:
+    >>> import tempfile
+    >>> from landscape.eigen import extreme_eigenpairs
+    >>> H = torch.diag(torch.arange(1.0, 11.0, dtype=torch.float64))
+    >>> folder = Path(tempfile.mkdtemp()) / "journal"
+    >>> first = JournaledOperator(H, folder, key="diag")
+    >>> a = extreme_eigenpairs(first, tol=1e-10)
+    >>> again = JournaledOperator(H, folder, key="diag")  # as a rerun after a kill would
+    >>> b = extreme_eigenpairs(again, tol=1e-10)
+    >>> again.computed, again.replayed == first.computed
+    (0, True)
+    >>> bool((a.top == b.top).all()), round(float(b.top[0]), 8)
+    (True, 10.0)
+    >>> again.clear(); folder.exists()
+    False
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from landscape.lanczos import operator_matmat, operator_size
+
+__all__ = ["JournaledOperator", "remove"]
+
+_PRODUCT = re.compile(r"product_(\d{5})\.pt")
+
+
+class JournaledOperator:
+    """``op`` with every product ``op.matmat(V)`` kept in ``folder`` (module docstring).
+
+    Args:
+        op: a :class:`landscape.hvp.GroupHessian`, a dense symmetric tensor, or anything with
+            ``matmat`` and ``n_params`` or ``shape``; its ``dtype`` and ``device`` are passed
+            on, so that the solvers treat the journal as they would ``op``.
+        folder: the journal's folder (made if missing).
+        key: names the operator; a journal written under another key is emptied.
+
+    Attributes:
+        computed: products computed by ``op`` in this process.
+        replayed: products answered from the folder.
+    """
+
+    def __init__(self, op, folder, *, key: Any):
+        self._matmat = operator_matmat(op)
+        self.n_params = operator_size(op)
+        self.dtype = getattr(op, "dtype", torch.float64)
+        self.device = getattr(op, "device", None)
+        self.folder = Path(folder)
+        self.computed = self.replayed = 0
+        self._next = 0  # the index of the next request
+        self.folder.mkdir(parents=True, exist_ok=True)
+        key_file = self.folder / "key.json"
+        key = json.loads(json.dumps(key))  # as it reads back (tuples become lists)
+        if not key_file.exists() or json.loads(key_file.read_text()) != key:
+            self._drop_from(0)
+            _write(key_file, json.dumps(key).encode())
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        """``op.matmat(V)``: from the journal when its request ``index`` had this ``V``."""
+        digest = _digest(V)
+        path = self.folder / f"product_{self._next:05d}.pt"
+        self._next += 1
+        if path.exists():
+            entry = torch.load(path, map_location="cpu", weights_only=True)
+            if entry["digest"] == digest:
+                self.replayed += 1
+                return entry["product"].to(V.device if self.device is None else self.device)
+            self._drop_from(self._next - 1)  # the runs part here: nothing later is theirs
+        product = self._matmat(V)
+        buffer = io.BytesIO()
+        torch.save({"digest": digest, "product": product.detach().cpu()}, buffer)
+        _write(path, buffer.getvalue())
+        self.computed += 1
+        return product
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        return self.matmat(v.reshape(-1, 1)).reshape(-1)
+
+    def clear(self) -> None:
+        """Removes the journal (:func:`remove`), once its result is safe elsewhere."""
+        remove(self.folder)
+
+    def _drop_from(self, index: int) -> None:
+        _drop_from(self.folder, index)
+
+
+def remove(folder) -> None:
+    """Removes a journal's files from ``folder``, and the folder when nothing else is in it."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    _drop_from(folder, 0)
+    (folder / "key.json").unlink(missing_ok=True)
+    if not any(folder.iterdir()):
+        folder.rmdir()
+
+
+def _drop_from(folder: Path, index: int) -> None:
+    for path in folder.iterdir():
+        match = _PRODUCT.fullmatch(path.name)
+        if match and int(match.group(1)) >= index:
+            path.unlink()
+
+
+def _digest(V: torch.Tensor) -> str:
+    V = V.detach().cpu().contiguous()
+    h = hashlib.sha256(f"{V.dtype} {tuple(V.shape)}".encode())
+    h.update(V.reshape(-1).view(torch.uint8).numpy().tobytes())  # any dtype, bf16 too
+    return h.hexdigest()
+
+
+def _write(path: Path, data: bytes) -> None:
+    from train.io import atomic_write_bytes  # a product is whole on disk or absent
+
+    atomic_write_bytes(path, data)

@@ -1,0 +1,128 @@
+"""landscape.journal: an interrupted eigensolver run, resumed from its journal, is the
+uninterrupted run bit for bit, and a journal never answers for another run."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from landscape.eigen import extreme_eigenpairs
+from landscape.hvp import GroupHessian
+from landscape.journal import JournaledOperator
+
+
+class _Counted:
+    """A dense symmetric operator that counts its products and fails after ``fail_after``."""
+
+    def __init__(self, H: torch.Tensor, fail_after: int | None = None):
+        self.H, self.n_params, self.dtype = H, H.shape[0], H.dtype
+        self.calls, self.fail_after = 0, fail_after
+
+    def matmat(self, V):
+        if self.fail_after is not None and self.calls >= self.fail_after:
+            raise KeyboardInterrupt("killed")
+        self.calls += 1
+        return self.H @ V
+
+
+def _saddle(n: int = 40, seed: int = 0) -> torch.Tensor:
+    """A symmetric matrix with negative and positive eigenvalues, a repeated pair at the top."""
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    values = torch.linspace(-3.0, 2.0, n, dtype=torch.float64)
+    values[-2:] = 5.0
+    return Q @ torch.diag(values) @ Q.T
+
+
+def _same(a, b) -> bool:
+    return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in ((a.top, b.top), (a.bottom, b.bottom),
+                                                (a.top_vectors, b.top_vectors),
+                                                (a.bottom_vectors, b.bottom_vectors)))
+
+
+@pytest.mark.parametrize("killed_after", [0, 1, 7, 15])
+def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path, killed_after):
+    H = _saddle()
+    kwargs = dict(top=2, bottom=1, tol=1e-10, max_steps=60, seed=3)
+    counted = _Counted(H)
+    plain = extreme_eigenpairs(counted, **kwargs)
+    with pytest.raises(KeyboardInterrupt):
+        extreme_eigenpairs(JournaledOperator(_Counted(H, fail_after=killed_after),
+                                             tmp_path / "j", key="H"), **kwargs)
+    op = _Counted(H)
+    journal = JournaledOperator(op, tmp_path / "j", key="H")
+    resumed = extreme_eigenpairs(journal, **kwargs)
+    assert _same(resumed, plain)
+    assert journal.replayed == killed_after  # what was written before the kill is reused
+    assert op.calls == journal.computed == counted.calls - killed_after
+    assert resumed.converged and abs(float(resumed.top[0]) - 5.0) < 1e-8
+
+
+def test_another_key_empties_the_journal(tmp_path):
+    H = _saddle()
+    extreme_eigenpairs(JournaledOperator(H, tmp_path, key={"run": "a"}), tol=1e-8)
+    other = _saddle(seed=1)
+    journal = JournaledOperator(other, tmp_path, key={"run": "b"})
+    result = extreme_eigenpairs(journal, tol=1e-8)
+    assert journal.replayed == 0
+    assert abs(float(result.bottom[0]) - float(torch.linalg.eigvalsh(other)[0])) < 1e-7
+
+
+def test_a_diverging_request_drops_the_rest(tmp_path):
+    """Same key, another seed: the first request already differs, so nothing stale is used
+    and the products of the first run beyond the second's are gone."""
+    H = _saddle()
+    first = JournaledOperator(H, tmp_path, key="H")
+    extreme_eigenpairs(first, tol=1e-12, max_steps=40, seed=0)
+    op = _Counted(H)
+    second = JournaledOperator(op, tmp_path, key="H")
+    result = extreme_eigenpairs(second, tol=1e-4, max_steps=40, seed=1)
+    counted = _Counted(H)
+    assert _same(result, extreme_eigenpairs(counted, tol=1e-4, max_steps=40, seed=1))
+    assert second.replayed == 0 and op.calls == counted.calls
+    assert len(list(tmp_path.glob("product_*.pt"))) == counted.calls
+
+
+def test_clear_removes_only_the_journals_files(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    journal = JournaledOperator(_saddle(), tmp_path, key="H")
+    extreme_eigenpairs(journal, tol=1e-8)
+    journal.clear()
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_a_group_hessian_with_batchnorm_through_the_journal(tmp_path):
+    """The operator the bench journals: float32 products, float64 recurrence, BatchNorm in
+    eval mode. Resumed after a kill, the same numbers as without a journal."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(3 * 4 * 4, 3))
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(32, 1, 6, 6))  # running statistics that are not the defaults
+    x, y = torch.randn(20, 1, 6, 6), torch.randint(0, 3, (20,))
+
+    def op():
+        return GroupHessian(model, nn.CrossEntropyLoss(reduction="none"), x, y,
+                            dtype=torch.float32)
+
+    kwargs = dict(top=1, bottom=1, tol=1e-4, max_steps=40, seed=0)
+    plain = extreme_eigenpairs(op(), **kwargs)
+
+    class Killed(Exception):
+        pass
+
+    inner = op()
+    inner.matmat = lambda V, f=inner.matmat: f(V) if inner.hvps < 5 else _raise(Killed())
+    with pytest.raises(Killed):
+        extreme_eigenpairs(JournaledOperator(inner, tmp_path, key="bn"), **kwargs)
+    journal = JournaledOperator(op(), tmp_path, key="bn")
+    assert journal.dtype == torch.float32
+    assert _same(extreme_eigenpairs(journal, **kwargs), plain)
+    assert journal.replayed == 5
+
+
+def _raise(error):
+    raise error
