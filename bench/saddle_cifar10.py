@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -282,8 +283,9 @@ def _extremes(run, group: str, settings: dict, journal: Path | None = None) -> d
     x, y = run.group_data(group, samples=settings["samples"], seed=ANALYSIS["seed"])
     op = GroupHessian(run.model, run.loss_fn(), x, y, dtype=getattr(torch, ANALYSIS["dtype"]))
     if journal is not None:
+        contents = hashlib.sha256(Path(run.path).read_bytes()).hexdigest()  # not only its name
         op = JournaledOperator(op, journal, key=dict(
-            checkpoint=str(run.path), group=group, samples=int(len(y)), settings=settings,
+            checkpoint=contents, group=group, samples=int(len(y)), settings=settings,
             dtype=ANALYSIS["dtype"], seed=ANALYSIS["seed"], torch=torch.__version__))
     began = time.perf_counter()
     r = extreme_eigenpairs(op, top=1, bottom=1, tol=settings["tol"],
@@ -341,6 +343,10 @@ def run_task(root: Path, task: tuple) -> None:
     path = _result_path(root, kind, name, epoch, group)
     checkpoint = root / "runs" / name / f"epoch_{epoch:04d}.pt"
     needs = _result_path(root, "final", name, epoch, "tail").with_suffix(".pt")
+    if path.exists() and kind == "full":  # killed between the result and its clean-up
+        from landscape.journal import remove
+
+        remove(path.with_suffix(".journal"))
     if path.exists() or not checkpoint.exists() or (kind == "surface" and not needs.exists()):
         return
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -9,16 +9,23 @@ soon as it has it, beside a digest of the ``V`` that was asked for. Run again, i
 request from the folder for as long as the digests match, then computes on from there. The
 result is the uninterrupted run's, bit for bit, at the cost of the products not yet written.
 
-Two guards keep it from ever mixing two runs:
+Two guards keep it from mixing two runs:
 
-* ``key``, anything JSON can write, names the operator (say the checkpoint, the group and the
-  dtype). A folder written under another key is emptied first.
+* ``key``, anything JSON can write, must identify the operator: what ``H`` is made of (the
+  checkpoint's contents, not only its path; the samples, the loss, the dtype). The digests
+  cannot notice a changed ``H``: the first request depends only on the seed, and every later
+  one follows from the replayed products. A folder written under another key is emptied first.
 * A request whose digest differs from the stored one (another seed, another tolerance that
   changed the restarts, another build of torch whose float64 rounding differs) drops that
-  product and every later one; from there on everything is computed.
+  product and every later one; from there on everything is computed. So does a stored product
+  that cannot be read.
 
-Only the journal's own files are ever removed (``key.json`` and ``product_NNNNN.pt``);
-anything else in the folder stays.
+Bit for bit needs a deterministic operator too: :class:`landscape.hvp.GroupHessian` is, except
+that it halves its batch after a CUDA out-of-memory error, after which a resumed run is still
+a valid run but no longer the uninterrupted one's digits.
+
+Only the journal's own files are ever removed (``key.json``, ``product_NNNNN.pt`` and the
+temporary files of their atomic writes); anything else in the folder stays.
 
 Example:
     >>> import tempfile
@@ -39,6 +46,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -49,6 +57,7 @@ from typing import Any
 import torch
 
 from landscape.lanczos import operator_matmat, operator_size
+from train.io import TEMP_RE, atomic_write_bytes
 
 __all__ = ["JournaledOperator", "remove"]
 
@@ -63,7 +72,11 @@ class JournaledOperator:
             ``matmat`` and ``n_params`` or ``shape``; its ``dtype`` and ``device`` are passed
             on, so that the solvers treat the journal as they would ``op``.
         folder: the journal's folder (made if missing).
-        key: names the operator; a journal written under another key is emptied.
+        key: identifies the operator (module docstring); a journal written under another key
+            is emptied.
+
+    Raises:
+        TypeError: ``key`` is not JSON-writable.
 
     Attributes:
         computed: products computed by ``op`` in this process.
@@ -81,37 +94,35 @@ class JournaledOperator:
         self.folder.mkdir(parents=True, exist_ok=True)
         key_file = self.folder / "key.json"
         key = json.loads(json.dumps(key))  # as it reads back (tuples become lists)
-        if not key_file.exists() or json.loads(key_file.read_text()) != key:
-            self._drop_from(0)
-            _write(key_file, json.dumps(key).encode())
+        if _read_json(key_file) != key:
+            _drop_from(self.folder, 0)
+            atomic_write_bytes(key_file, json.dumps(key).encode())
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
-        """``op.matmat(V)``: from the journal when its request ``index`` had this ``V``."""
-        digest = _digest(V)
-        path = self.folder / f"product_{self._next:05d}.pt"
+        """``op.matmat(V)``, from the folder when the request at this index had this ``V``."""
+        index, digest = self._next, _digest(V)
         self._next += 1
-        if path.exists():
-            entry = torch.load(path, map_location="cpu", weights_only=True)
-            if entry["digest"] == digest:
-                self.replayed += 1
-                return entry["product"].to(V.device if self.device is None else self.device)
-            self._drop_from(self._next - 1)  # the runs part here: nothing later is theirs
+        path = self.folder / f"product_{index:05d}.pt"
+        stored = _read_product(path)
+        if stored is not None and stored["digest"] == digest:
+            self.replayed += 1
+            return stored["product"].to(V.device if self.device is None else self.device)
+        if path.exists():  # the runs part here (or the file is damaged): nothing later is theirs
+            _drop_from(self.folder, index)
         product = self._matmat(V)
         buffer = io.BytesIO()
         torch.save({"digest": digest, "product": product.detach().cpu()}, buffer)
-        _write(path, buffer.getvalue())
+        atomic_write_bytes(path, buffer.getvalue())  # whole on disk or absent
         self.computed += 1
         return product
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """``op`` times one flat vector, through :meth:`matmat`."""
         return self.matmat(v.reshape(-1, 1)).reshape(-1)
 
     def clear(self) -> None:
         """Removes the journal (:func:`remove`), once its result is safe elsewhere."""
         remove(self.folder)
-
-    def _drop_from(self, index: int) -> None:
-        _drop_from(self.folder, index)
 
 
 def remove(folder) -> None:
@@ -120,16 +131,42 @@ def remove(folder) -> None:
     if not folder.is_dir():
         return
     _drop_from(folder, 0)
-    (folder / "key.json").unlink(missing_ok=True)
-    if not any(folder.iterdir()):
+    for path in folder.iterdir():
+        if _written_name(path.name) == "key.json":
+            path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # not empty (a user's file), or already gone
         folder.rmdir()
 
 
 def _drop_from(folder: Path, index: int) -> None:
+    """Removes the products from ``index`` on, with any temporary file a kill left of one."""
     for path in folder.iterdir():
-        match = _PRODUCT.fullmatch(path.name)
+        match = _PRODUCT.fullmatch(_written_name(path.name))
         if match and int(match.group(1)) >= index:
-            path.unlink()
+            path.unlink(missing_ok=True)
+
+
+def _written_name(name: str) -> str:
+    """The file that ``name`` is, or is a temporary file of (``train.io.TEMP_RE``)."""
+    temp = TEMP_RE.fullmatch(name)
+    return temp.group("name") if temp else name
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):  # missing or damaged: no key
+        return None
+
+
+def _read_product(path: Path) -> dict | None:
+    if not path.exists():
+        return None
+    try:
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 -- damaged (torch raises several kinds): recompute it
+        return None
+    return stored if isinstance(stored, dict) and {"digest", "product"} <= stored.keys() else None
 
 
 def _digest(V: torch.Tensor) -> str:
@@ -137,9 +174,3 @@ def _digest(V: torch.Tensor) -> str:
     h = hashlib.sha256(f"{V.dtype} {tuple(V.shape)}".encode())
     h.update(V.reshape(-1).view(torch.uint8).numpy().tobytes())  # any dtype, bf16 too
     return h.hexdigest()
-
-
-def _write(path: Path, data: bytes) -> None:
-    from train.io import atomic_write_bytes  # a product is whole on disk or absent
-
-    atomic_write_bytes(path, data)

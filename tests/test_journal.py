@@ -37,9 +37,9 @@ def _saddle(n: int = 40, seed: int = 0) -> torch.Tensor:
 
 
 def _same(a, b) -> bool:
-    return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in ((a.top, b.top), (a.bottom, b.bottom),
-                                                (a.top_vectors, b.top_vectors),
-                                                (a.bottom_vectors, b.bottom_vectors)))
+    pairs = ((a.top, b.top), (a.bottom, b.bottom), (a.top_vectors, b.top_vectors),
+             (a.bottom_vectors, b.bottom_vectors))
+    return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in pairs)
 
 
 @pytest.mark.parametrize("killed_after", [0, 1, 7, 15])
@@ -82,15 +82,44 @@ def test_a_diverging_request_drops_the_rest(tmp_path):
     counted = _Counted(H)
     assert _same(result, extreme_eigenpairs(counted, tol=1e-4, max_steps=40, seed=1))
     assert second.replayed == 0 and op.calls == counted.calls
+    assert first.computed > counted.calls  # so the first run's last products were dropped
     assert len(list(tmp_path.glob("product_*.pt"))) == counted.calls
+
+
+def test_a_run_that_parts_midway_replays_up_to_there(tmp_path):
+    """Same seed, more steps allowed: the first run's Lanczos products are replayed, its
+    residual products (where the longer run asks for step 11 instead) are not."""
+    H = _saddle()
+    short = JournaledOperator(H, tmp_path, key="H")
+    extreme_eigenpairs(short, tol=1e-14, max_steps=10, seed=0)
+    longer = JournaledOperator(_Counted(H), tmp_path, key="H")
+    result = extreme_eigenpairs(longer, tol=1e-14, max_steps=20, seed=0)
+    assert longer.replayed == 10 < short.computed
+    assert _same(result, extreme_eigenpairs(H, tol=1e-14, max_steps=20, seed=0))
+
+
+def test_a_damaged_product_is_computed_again(tmp_path):
+    H = _saddle()
+    plain = extreme_eigenpairs(H, tol=1e-8, seed=0)
+    extreme_eigenpairs(JournaledOperator(H, tmp_path, key="H"), tol=1e-8, seed=0)
+    (tmp_path / "product_00003.pt").write_bytes(b"half a file")
+    op = _Counted(H)
+    journal = JournaledOperator(op, tmp_path, key="H")
+    assert _same(extreme_eigenpairs(journal, tol=1e-8, seed=0), plain)
+    assert journal.replayed == 3 and op.calls == journal.computed > 0
 
 
 def test_clear_removes_only_the_journals_files(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     journal = JournaledOperator(_saddle(), tmp_path, key="H")
     extreme_eigenpairs(journal, tol=1e-8)
+    (tmp_path / ".product_00099.pt.abcd1234.tmp").write_bytes(b"")  # a kill mid-write
     journal.clear()
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+    journal = JournaledOperator(_saddle(), tmp_path / "j", key="H")
+    extreme_eigenpairs(journal, tol=1e-8)
+    journal.clear()
+    assert not (tmp_path / "j").exists()
 
 
 def test_a_group_hessian_with_batchnorm_through_the_journal(tmp_path):

@@ -98,22 +98,24 @@ def test_a_killed_whole_group_task_resumes_from_its_journal(tmp_path, tiny_cnn_p
     only the rest, writes the uninterrupted numbers, and removes its journal."""
     from landscape.hvp import GroupHessian
 
-    plain_root, epoch = _root_with(tmp_path, "plain", tiny_cnn_path)
-    task = ("full", "sgd-s9826", epoch, "tail")
-    saddle.run_task(plain_root, task)
-    plain = json.loads(saddle._result_path(plain_root, *task).read_text())
+    products, calls = GroupHessian.matmat, []
 
-    root, _ = _root_with(tmp_path, "killed", tiny_cnn_path)
-    products = GroupHessian.matmat
-    calls = []
-
-    def killed_after_four(self, V):
-        if len(calls) == 4:
+    def counted(self, V, kill_at=None):
+        if len(calls) == kill_at:
             raise KeyboardInterrupt("killed")
         calls.append(1)
         return products(self, V)
 
-    monkeypatch.setattr(GroupHessian, "matmat", killed_after_four)
+    monkeypatch.setattr(GroupHessian, "matmat", counted)
+    plain_root, epoch = _root_with(tmp_path, "plain", tiny_cnn_path)
+    task = ("full", "sgd-s9826", epoch, "tail")
+    saddle.run_task(plain_root, task)
+    plain = json.loads(saddle._result_path(plain_root, *task).read_text())
+    uninterrupted = len(calls)
+
+    root, _ = _root_with(tmp_path, "killed", tiny_cnn_path)
+    calls.clear()
+    monkeypatch.setattr(GroupHessian, "matmat", lambda self, V: counted(self, V, kill_at=4))
     with pytest.raises(KeyboardInterrupt):
         saddle.run_task(root, task)
     result = saddle._result_path(root, *task)
@@ -121,10 +123,29 @@ def test_a_killed_whole_group_task_resumes_from_its_journal(tmp_path, tiny_cnn_p
     assert not result.exists() and not result.with_suffix(".claim").exists()
     assert len(list(journal.glob("product_*.pt"))) == 4
 
-    monkeypatch.setattr(GroupHessian, "matmat", products)
+    calls.clear()
+    monkeypatch.setattr(GroupHessian, "matmat", counted)
     saddle.run_task(root, task)
+    assert len(calls) == uninterrupted - 4 > 0  # the four journaled products were not redone
     resumed = json.loads(result.read_text())
     same = ("lambda_max", "lambda_min", "ratio", "residuals", "steps", "samples", "converged")
     assert {k: resumed[k] for k in same} == {k: plain[k] for k in same}
     assert plain["steps"] > 4 and plain["converged"]
     assert not journal.exists()
+
+
+def test_a_journal_left_beside_its_result_is_removed(tmp_path, tiny_cnn_path):
+    """Killed after the result was written but before the clean-up: the next pass removes
+    the journal, and only its files."""
+    root, epoch = _root_with(tmp_path, "r", tiny_cnn_path)
+    task = ("full", "sgd-s9826", epoch, "tail")
+    result = saddle._result_path(root, *task)
+    result.parent.mkdir(parents=True)
+    result.write_text("{}")
+    journal = result.with_suffix(".journal")
+    journal.mkdir()
+    for name in ("key.json", "product_00000.pt", "notes.txt"):
+        (journal / name).write_text("x")
+    saddle.run_task(root, task)
+    assert [p.name for p in journal.iterdir()] == ["notes.txt"]
+    assert result.read_text() == "{}"
