@@ -347,12 +347,30 @@ def run_task(root: Path, task: tuple) -> None:
         from landscape.journal import remove
 
         remove(path.with_suffix(".journal"))
+    if path.exists() and _before_the_floor(path):
+        path.rename(path.with_name(path.name + ".before-floor"))  # kept; _results skips it
+        log(f"{path.name} of {name} stopped before {_floor()} steps: computed again")
     if path.exists() or not checkpoint.exists() or (kind == "surface" and not needs.exists()):
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     with _claimed(path.with_suffix(".claim")) as mine:
         if mine:
             _compute(root, task, path)
+
+
+def _floor() -> int:
+    from landscape.eigen import MIN_STEPS
+
+    return MIN_STEPS
+
+
+def _before_the_floor(path: Path) -> bool:
+    """Whether the extremes in ``path`` stopped before :data:`landscape.eigen.MIN_STEPS` steps
+    (computed before that floor existed): a Ritz value in the cluster near 0 may then pass for
+    lambda_min (RESULTS.md), so such a result is computed again. Later stops are unchanged."""
+    result = json.loads(path.read_text())
+    steps, limit = result.get("steps"), result.get("settings", {}).get("max_steps")
+    return steps is not None and steps < min(_floor(), limit or steps) and "min_steps" not in result
 
 
 @contextlib.contextmanager
@@ -401,6 +419,8 @@ def _compute(root: Path, task: tuple, path: Path) -> None:
             atomic_write_bytes(path.with_suffix(".pt"), buffer.getvalue())
     result.update(kind=kind, run=name, epoch=epoch, group=group, settings=ANALYSIS[kind],
                   dtype=ANALYSIS["dtype"])
+    if "steps" in result:
+        result["min_steps"] = _floor()
     atomic_write_json(path, result)
     if kind == "full":  # the result is on disk: its products are no longer needed
         landscape.journal.remove(path.with_suffix(".journal"))

@@ -183,3 +183,21 @@ def test_a_start_vector_in_an_invariant_subspace_is_not_trusted():
     r = extreme_eigenpairs(H, top=1, bottom=1, tol=1e-12, start=start, seed=0)
     np.testing.assert_allclose([r.lambda_max, r.lambda_min], [7.0, -3.0], atol=1e-12)
     assert r.converged
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_step_floor_keeps_a_bulk_ritz_value_from_passing_for_lambda_min(seed):
+    """A dense cluster near 0 (3,000 eigenvalues of N(0, 0.01)), a weak negative tail
+    (-0.6, -0.5) and a large top (100, 60): relative to ||H||, a Ritz value in the cluster meets
+    tol = 1e-3 within a few steps. Without the floor the run stops there, "converged", at
+    lambda_min ~ 0; with the default floor it finds -0.6 to the tolerance."""
+    rng = np.random.default_rng(seed)
+    values = rng.normal(0.0, 0.01, 3000)
+    values[:2], values[2:30], values[-2:] = (-0.6, -0.5), rng.uniform(-0.3, 0.9, 28), (60, 100)
+    H = torch.diag(torch.as_tensor(np.sort(values)))
+    early = extreme_eigenpairs(H, tol=1e-3, max_steps=100, min_steps=0, seed=seed)
+    assert early.steps < 10 and early.converged and early.bottom[0] > -0.05  # the failure
+    guarded = extreme_eigenpairs(H, tol=1e-3, max_steps=100, seed=seed)
+    assert guarded.steps >= 20 and guarded.converged
+    assert abs(guarded.bottom[0] + 0.6) <= guarded.bottom_residuals[0] + 1e-12
+    assert abs(guarded.top[0] - 100.0) <= guarded.top_residuals[0] + 1e-12

@@ -149,3 +149,25 @@ def test_a_journal_left_beside_its_result_is_removed(tmp_path, tiny_cnn_path):
     saddle.run_task(root, task)
     assert [p.name for p in journal.iterdir()] == ["notes.txt"]
     assert result.read_text() == "{}"
+
+
+def test_extremes_that_stopped_before_the_floor_are_computed_again(tmp_path, tiny_cnn_path):
+    """A result from before landscape.eigen.MIN_STEPS that stopped early is set aside (kept,
+    renamed) and computed again with the floor; one computed with the floor stays."""
+    from landscape.eigen import MIN_STEPS
+
+    root, epoch = _root_with(tmp_path, "r", tiny_cnn_path)
+    early, floored = ("final", "sgd-s9826", epoch, "tail"), ("final", "sgd-s9826", epoch, "head")
+    old = {"steps": 8, "lambda_min": -0.0009, "settings": {"max_steps": 100}}
+    for task, extra in ((early, {}), (floored, {"min_steps": MIN_STEPS})):
+        path = saddle._result_path(root, *task)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        names = dict(zip(("kind", "run", "epoch", "group"), task))
+        path.write_text(json.dumps({**old, **names, **extra}))
+        saddle.run_task(root, task)
+    redone = json.loads(saddle._result_path(root, *early).read_text())
+    assert redone["min_steps"] == MIN_STEPS and redone["steps"] >= min(MIN_STEPS, 8 + 1)
+    kept = saddle._result_path(root, *early).with_name(f"final_e{epoch:04d}_tail.json.before-floor")
+    assert json.loads(kept.read_text())["lambda_min"] == old["lambda_min"]
+    assert json.loads(saddle._result_path(root, *floored).read_text())["steps"] == 8
+    assert saddle._results(root, "final")[("sgd-s9826", epoch, "tail")] == redone  # not the kept
