@@ -31,6 +31,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 
+from landscape.eigen import MIN_STEPS
 from landscape.report.results import GroupIndicators
 from landscape.report.settings import DEFAULT_SETTINGS, ReportSettings
 from train import checkpoint as ckpt
@@ -63,8 +64,8 @@ def _cache_key(run, group: str, kind: str, settings: ReportSettings) -> dict:
     key = {"kind": kind, "group": group, "classes": run.classes(group), "split": settings.split,
            "loss": run.config.loss, "seed": settings.seed, "steps": settings.steps,
            "dtype": _dtype_name(run, settings), "checkpoint_sha256": _checkpoint_digest(run.path)}
-    if kind == "extremes":
-        key["tol"] = settings.tol
+    if kind == "extremes":  # the floor changes early stops: results from before it are stale
+        key.update(tol=settings.tol, min_steps=MIN_STEPS)
     else:
         key["probes"] = settings.probes
     return key
