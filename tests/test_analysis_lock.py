@@ -23,8 +23,10 @@ REPORT = ["--steps", "10", "--probes", "1", "--no_densities", "--groups", "tail"
 
 @pytest.fixture
 def run_copy(tiny_mlp_path, tmp_path) -> Path:
+    """The shared tiny run without the caches that other tests' analyses wrote into it (the
+    tests here check what an analysis writes)."""
     copy = tmp_path / "run"
-    shutil.copytree(tiny_mlp_path, copy)
+    shutil.copytree(tiny_mlp_path, copy, ignore=shutil.ignore_patterns("hessian", "surface"))
     return copy
 
 
