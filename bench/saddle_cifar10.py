@@ -347,7 +347,7 @@ def run_task(root: Path, task: tuple) -> None:
         from landscape.journal import remove
 
         remove(path.with_suffix(".journal"))
-    if path.exists() and _before_the_floor(path):
+    if kind in ("final", "curve", "full") and path.exists() and _before_the_floor(path):
         path.rename(path.with_name(path.name + ".before-floor"))  # kept; _results skips it
         log(f"{path.name} of {name} stopped before {_floor()} steps: computed again")
     if path.exists() or not checkpoint.exists() or (kind == "surface" and not needs.exists()):
