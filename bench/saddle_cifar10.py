@@ -279,11 +279,14 @@ def _extremes(run, group: str, settings: dict, journal: Path | None = None) -> d
     from landscape.eigen import extreme_eigenpairs, saddle_ratio
     from landscape.hvp import GroupHessian
     from landscape.journal import JournaledOperator
+    from train.checkpoint import recorded_sha256
 
     x, y = run.group_data(group, samples=settings["samples"], seed=ANALYSIS["seed"])
     op = GroupHessian(run.model, run.loss_fn(), x, y, dtype=getattr(torch, ANALYSIS["dtype"]))
     if journal is not None:
-        contents = hashlib.sha256(Path(run.path).read_bytes()).hexdigest()  # not only its name
+        # the checkpoint's contents, not only its name (landscape.load checked the bytes)
+        path = Path(run.path)
+        contents = recorded_sha256(path) or hashlib.sha256(path.read_bytes()).hexdigest()
         op = JournaledOperator(op, journal, key=dict(
             checkpoint=contents, group=group, samples=int(len(y)), settings=settings,
             dtype=ANALYSIS["dtype"], seed=ANALYSIS["seed"], torch=torch.__version__))

@@ -293,3 +293,14 @@ def test_checkpoints_hold_only_tensors_and_plain_data(runs, tmp_path):
     with pytest.raises(TypeError, match="would not load back"):
         ckpt.save_checkpoint(tmp_path, 1, {"model": {}, "config": {}, "note": Payload("x")})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_recorded_sha256_is_the_digest_the_loader_checks(tmp_path):
+    import hashlib
+
+    path = ckpt.save_checkpoint(tmp_path, 1, {"model": {}, "config": {}})
+    assert ckpt.recorded_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+    other = tmp_path / "epoch_0002.pt"
+    other.write_bytes(path.read_bytes())  # copied in, never recorded
+    assert ckpt.recorded_sha256(other) is None
+    assert ckpt.recorded_sha256(tmp_path / "elsewhere" / "epoch_0001.pt") is None

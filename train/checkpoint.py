@@ -42,7 +42,7 @@ from train.run_folder import BEST, CHECKPOINT_RE, CONFIG, MANIFEST, METRICS, che
 __all__ = [
     "CheckpointError", "save_checkpoint", "load_checkpoint", "list_checkpoints", "checkpoint_path",
     "read_config", "check_derived", "read_metrics", "metrics_through", "recorded_epochs",
-    "clean_stale_temps",
+    "clean_stale_temps", "recorded_sha256",
     "FORMAT", "MANIFEST",
 ]
 
@@ -271,6 +271,16 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
         if match and entry.is_file():
             found.append((int(match.group(1)), entry))
     return sorted(found)
+
+
+def recorded_sha256(path: str | os.PathLike) -> Optional[str]:
+    """The sha256 that the run's manifest records for the checkpoint ``path`` (what
+    :func:`load_checkpoint` checks its bytes against), or None where none is recorded."""
+    path = Path(path)
+    try:
+        return json.loads((path.parent / MANIFEST).read_text())[path.name]["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def recorded_epochs(run_dir: str | os.PathLike) -> list[int]:

@@ -27,7 +27,7 @@ import io
 import json
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -43,14 +43,6 @@ __all__ = ["group_indicators", "group_density", "cached_entry", "CACHE_FORMAT"]
 CACHE_FORMAT = "landscape-hessian-cache/1"
 
 
-def _checkpoint_digest(path: Path) -> Optional[str]:
-    try:
-        manifest = json.loads((path.parent / ckpt.MANIFEST).read_text())
-        return manifest[path.name]["sha256"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
 def _dtype_name(run, settings: ReportSettings) -> str:
     """The products' dtype the settings give this run's model (``auto``: by its size)."""
     from landscape.hessian import analysis_dtype
@@ -63,7 +55,7 @@ def _cache_key(run, group: str, kind: str, settings: ReportSettings) -> dict:
     """Everything that determines a cached result."""
     key = {"kind": kind, "group": group, "classes": run.classes(group), "split": settings.split,
            "loss": run.config.loss, "seed": settings.seed, "steps": settings.steps,
-           "dtype": _dtype_name(run, settings), "checkpoint_sha256": _checkpoint_digest(run.path)}
+           "dtype": _dtype_name(run, settings), "checkpoint_sha256": ckpt.recorded_sha256(run.path)}
     if kind == "extremes":  # the floor changes early stops: results from before it are stale
         key.update(tol=settings.tol, min_steps=MIN_STEPS)
     else:
@@ -135,7 +127,7 @@ def cached_entry(run, name: str, key: Mapping[str, Any],
     file of this module's format), or else ``compute()``'s ``(result, extra)``: ``result`` is
     added to that file under ``key``, with ``extra``'s items beside it, and returned. ``key``
     must hold everything that determines the result; ``checkpoint_sha256`` is added to it."""
-    key = {**key, "checkpoint_sha256": _checkpoint_digest(run.path)}
+    key = {**key, "checkpoint_sha256": ckpt.recorded_sha256(run.path)}
     key_id = _key_id(key)
     path = _cache_folder(run) / f"epoch_{run.epoch:04d}_{name}.json"
     entries = _read_entries(path) if cache else {}
