@@ -69,6 +69,22 @@ def test_configs_take_the_roots_size(tmp_path):
     assert sized.preset().switch == 42  # gamma 0.7 of 60: stage II from (0-based) epoch 42
 
 
+def test_whole_groups_come_last_and_the_asked_ones_first(tmp_path):
+    """Every run's whole tail, then its whole head, once each; within a group the runs whose
+    lambda_min a question compares come first, so SAM's head (hours, read by none) is last."""
+    tasks = saddle._task_list(tmp_path, full=True)
+    assert saddle._task_list(tmp_path) == tasks[:-2 * len(saddle.RUNS)]
+    full = tasks[-2 * len(saddle.RUNS):]
+    assert [t[3] for t in full] == ["tail"] * len(saddle.RUNS) + ["head"] * len(saddle.RUNS)
+    for group in ("tail", "head"):
+        names = [t[1] for t in full if t[3] == group]
+        assert sorted(names) == sorted(saddle.RUNS)
+        asked = [saddle.RUNS[n]["opt"] in saddle.ASKED[group] for n in names]
+        assert asked == sorted(asked, reverse=True)
+    assert [t[1] for t in full][-1] == "sam-s9826"
+    assert [t[1] for t in full if t[3] == "tail"][-1] == "imbsam-s9826"
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--epochs", "0"], "--epochs must be at least 1"),
     (["--model", "resnet32"], "another --root"),
