@@ -19,7 +19,9 @@ Stages:
    ``ROOT/analysis/`` (written atomically, skipped when present; :data:`ANALYSIS` says what is
    computed, cheapest and most needed first), ``--jobs`` processes at a time, one thread each.
    A whole-group task (``--full``) keeps each Hessian-vector product in ``TASK.journal/`` as it
-   comes, so that a killed one resumes from its last product (:mod:`landscape.journal`).
+   comes, so that a killed one resumes from its last product (:mod:`landscape.journal`),
+   and is checked by its witness: the whole group's curvature along the 512-image extreme
+   eigenvectors, which would prove a missed eigenvalue (``witness_*.json``, :func:`_witness`).
 4. ``figures``: the figures and ``ROOT/table.md`` from those files (no computation).
 
 The choices (measured first, see RESULTS.md): batch 128, lr 0.1 cosine, weight decay 5e-4, CE;
@@ -245,6 +247,7 @@ ANALYSIS = dict(
     density=dict(samples=256, probes=3, steps=40),
     surface=dict(samples=512, points=13, span=1.0),
     full=dict(samples=None, tol=1e-3, max_steps=100),  # every image of the group: slow
+    witness=dict(samples=None),  # the whole group along the final's (subsample's) vectors
 )
 GROUPS = ("head", "tail")
 
@@ -252,7 +255,7 @@ GROUPS = ("head", "tail")
 def _task_list(root: Path, full: bool = False) -> list[tuple[str, ...]]:
     """Every computation, most needed first: the final extremes of the first-seed runs, the
     second seeds', the curves, the densities, the surfaces, then (with ``full``) the
-    whole-group extremes."""
+    whole-group extremes, each followed by its witness (:func:`_witness`)."""
     first = [n for n in RUNS if n.endswith("s9826")]
     second = [n for n in RUNS if n not in first]
     end = setting_of(root)["epochs"]
@@ -262,8 +265,9 @@ def _task_list(root: Path, full: bool = False) -> list[tuple[str, ...]]:
     tasks += [("density", n, end, g) for n in first for g in GROUPS]
     tasks += [("surface", n, end, "tail") for n in first]
     if full:  # every tail first (1,536 images), then the heads (10,870: hours here)
-        tasks += [("full", n, end, g) for g in ("tail", "head")
-                  for n in sorted(first + second, key=lambda n: not _asked(n, g))]
+        tasks += [(kind, n, end, g) for g in ("tail", "head")
+                  for n in sorted(first + second, key=lambda n: not _asked(n, g))
+                  for kind in ("full", "witness")]
     return tasks
 
 
@@ -316,6 +320,36 @@ def _extremes(run, group: str, settings: dict, journal: Path | None = None) -> d
                         "bottom": r.bottom_vectors[0].float().cpu()}}
 
 
+def _witness(run, root: Path, name: str, group: str) -> dict:
+    """An independent check of a whole-group result: the whole group's curvature ``u^T H u``
+    along the final (512-image) bottom and top eigenvectors ``u`` (unit; one product of two
+    columns).
+
+    Lanczos's lambda_min is the least ``u^T H u`` over its Krylov space, and the true
+    lambda_min is at most every ``u^T H u``. So ``u^T H u`` below the reported lambda_min, or
+    above lambda_max, by more than the result's tolerance (its stated precision; a subsample
+    that is the whole group gives the same vector to rounding) proves that the search missed
+    an eigenvalue (``missed``). Inside them it proves nothing, but the subsample's lambda_min
+    is then no evidence against the whole group's either."""
+    import torch
+
+    from landscape.hvp import GroupHessian
+
+    full = json.loads(_result_path(root, "full", name, run.epoch, group).read_text())
+    vectors = torch.load(_result_path(root, "final", name, run.epoch, group).with_suffix(".pt"))
+    x, y = run.group_data(group, samples=None, seed=ANALYSIS["seed"])
+    op = GroupHessian(run.model, run.loss_fn(), x, y, dtype=getattr(torch, ANALYSIS["dtype"]))
+    U = torch.stack([vectors["bottom"], vectors["top"]], dim=1).double()
+    U = U / U.norm(dim=0)
+    began = time.perf_counter()
+    bottom, top = (U * op.matmat(U).double()).sum(dim=0).tolist()
+    return {"rayleigh_bottom": bottom, "rayleigh_top": top,
+            "lambda_min": full["lambda_min"], "lambda_max": full["lambda_max"],
+            "missed": bool(bottom < full["lambda_min"] - full["tolerance"]
+                           or top > full["lambda_max"] + full["tolerance"]),
+            "samples": int(len(y)), "seconds": time.perf_counter() - began}
+
+
 def _density(run, group: str, settings: dict) -> dict:
     import torch
 
@@ -357,15 +391,21 @@ def run_task(root: Path, task: tuple) -> None:
     kind, name, epoch, group = task
     path = _result_path(root, kind, name, epoch, group)
     checkpoint = root / "runs" / name / f"epoch_{epoch:04d}.pt"
-    needs = _result_path(root, "final", name, epoch, "tail").with_suffix(".pt")
+    needs = {"surface": [_result_path(root, "final", name, epoch, "tail").with_suffix(".pt")],
+             "witness": [_result_path(root, "full", name, epoch, group),
+                         _result_path(root, "final", name, epoch, group).with_suffix(".pt")]}
     if path.exists() and kind == "full":  # killed between the result and its clean-up
         from landscape.journal import remove
 
         remove(path.with_suffix(".journal"))
     if kind in ("final", "curve", "full") and path.exists() and _before_the_floor(path):
         path.rename(path.with_name(path.name + ".before-floor"))  # kept; _results skips it
+        checked = _result_path(root, "witness", name, epoch, group)
+        if kind == "full" and checked.exists():  # it checked the result set aside
+            checked.rename(checked.with_name(checked.name + ".before-floor"))
         log(f"{path.name} of {name} stopped before {_floor()} steps: computed again")
-    if path.exists() or not checkpoint.exists() or (kind == "surface" and not needs.exists()):
+    if (path.exists() or not checkpoint.exists()
+            or not all(p.exists() for p in needs.get(kind, []))):
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     with _claimed(path.with_suffix(".claim")) as mine:
@@ -424,6 +464,8 @@ def _compute(root: Path, task: tuple, path: Path) -> None:
         result = _density(run, group, ANALYSIS["density"])
     elif kind == "surface":
         result = _surface(run, root, name, ANALYSIS["surface"])
+    elif kind == "witness":
+        result = _witness(run, root, name, group)
     else:
         journal = path.with_suffix(".journal") if kind == "full" else None
         result = _extremes(run, group, ANALYSIS[kind], journal)
@@ -490,7 +532,7 @@ def _epochs(root: Path, name: str) -> list[dict] | None:
 
 def table(root: Path) -> str:
     """One row a run: test accuracy (mean per class, no TTA) and the final extremes."""
-    final, full = _results(root, "final"), _results(root, "full")
+    final, full, witness = (_results(root, kind) for kind in ("final", "full", "witness"))
     end = setting_of(root)["epochs"]
     head = ("| run | acc | many | medium | few | head λmax | head λmin | head ratio | tail λmax "
             "| tail λmin | tail ratio | converged | training (h) |")
@@ -511,10 +553,18 @@ def table(root: Path) -> str:
             ok.append("yes" if r and r["converged"] else "no" if r else "-")
         lines.append("| " + " | ".join(cells + ["/".join(ok), f"{hours:.2f}"]) + " |")
     if full:
-        lines += ["", "Whole groups (every training image of the group):", "",
-                  "| run | group | λmax | λmin | ratio | converged |", "|---|---|---|---|---|---|"]
-        lines += [f"| {_label(n)} | {g} | {r['lambda_max']:.4g} | {r['lambda_min']:.4g} | "
-                  f"{r['ratio']:.4g} | {r['converged']} |" for (n, _, g), r in sorted(full.items())]
+        lines += ["", "Whole groups (every training image of the group). Witness: the whole "
+                  "group's u^T H u along the 512-image bottom and top eigenvectors; below λmin "
+                  "or above λmax would prove an eigenvalue missed.", "",
+                  "| run | group | λmax | λmin | ratio | converged | witness (bottom, top) |",
+                  "|---|---|---|---|---|---|---|"]
+        for key, r in sorted(full.items()):
+            w = witness.get(key)
+            seen = (f"{w['rayleigh_bottom']:.4g}, {w['rayleigh_top']:.4g}"
+                    + (" (missed)" if w["missed"] else "") if w else "-")
+            lines.append(f"| {_label(key[0])} | {key[2]} | {r['lambda_max']:.4g} | "
+                         f"{r['lambda_min']:.4g} | {r['ratio']:.4g} | {r['converged']} | "
+                         f"{seen} |")
     return "\n".join(lines) + "\n"
 
 

@@ -70,11 +70,16 @@ def test_configs_take_the_roots_size(tmp_path):
 
 
 def test_whole_groups_come_last_and_the_asked_ones_first(tmp_path):
-    """Every run's whole tail, then its whole head, once each; within a group the runs whose
-    lambda_min a question compares come first, so SAM's head (hours, read by none) is last."""
+    """Every run's whole tail, then its whole head, once each, each followed by its witness;
+    within a group the runs whose lambda_min a question compares come first, so SAM's head
+    (hours, read by none) is last."""
     tasks = saddle._task_list(tmp_path, full=True)
-    assert saddle._task_list(tmp_path) == tasks[:-2 * len(saddle.RUNS)]
-    full = tasks[-2 * len(saddle.RUNS):]
+    n = 4 * len(saddle.RUNS)
+    assert saddle._task_list(tmp_path) == tasks[:-n]
+    whole = tasks[-n:]
+    assert [t[0] for t in whole] == ["full", "witness"] * (n // 2)
+    assert all(a[1:] == b[1:] for a, b in zip(whole[::2], whole[1::2]))
+    full = whole[::2]
     assert [t[3] for t in full] == ["tail"] * len(saddle.RUNS) + ["head"] * len(saddle.RUNS)
     for group in ("tail", "head"):
         names = [t[1] for t in full if t[3] == group]
@@ -187,3 +192,70 @@ def test_extremes_that_stopped_before_the_floor_are_computed_again(tmp_path, tin
     assert json.loads(kept.read_text())["lambda_min"] == old["lambda_min"]
     assert json.loads(saddle._result_path(root, *floored).read_text())["steps"] == 8
     assert saddle._results(root, "final")[("sgd-s9826", epoch, "tail")] == redone  # not the kept
+
+
+def test_the_witness_is_the_whole_groups_curvature_along_the_final_vectors(tmp_path,
+                                                                           tiny_cnn_path):
+    """``u^T H u`` against the float64 dense Hessian (tests/_reference.py) of the whole tail
+    of a BatchNorm CNN, to float32 rounding; within the dense spectrum; and a whole-group
+    result whose lambda_min lies above it is caught as ``missed``."""
+    import torch
+
+    import landscape
+    from _reference import dense_eigh, dense_group_hessian
+
+    root, epoch = _root_with(tmp_path, "r", tiny_cnn_path)
+    for kind in ("final", "full", "witness"):
+        saddle.run_task(root, (kind, "sgd-s9826", epoch, "tail"))
+    path = saddle._result_path(root, "witness", "sgd-s9826", epoch, "tail")
+    witness = json.loads(path.read_text())
+    full = json.loads(saddle._result_path(root, "full", "sgd-s9826", epoch, "tail").read_text())
+    run = landscape.load(root / "runs" / "sgd-s9826" / f"epoch_{epoch:04d}.pt", device="cpu")
+    H = dense_group_hessian(run, "tail")
+    assert witness["samples"] == len(run.group_data("tail")[1])
+    vectors = torch.load(saddle._result_path(root, "final", "sgd-s9826", epoch, "tail")
+                         .with_suffix(".pt"))
+    scale = float(torch.linalg.matrix_norm(H, 2))
+    for key, end in (("rayleigh_bottom", "bottom"), ("rayleigh_top", "top")):
+        u = vectors[end].double() / vectors[end].double().norm()
+        assert witness[key] == pytest.approx(float(u @ H @ u), abs=1e-5 * scale)
+    eigenvalues = dense_eigh(H)
+    assert eigenvalues[0] - 1e-5 * scale <= witness["rayleigh_bottom"] < 0
+    assert witness["rayleigh_top"] <= eigenvalues[-1] + 1e-5 * scale
+    assert (witness["lambda_min"], witness["missed"]) == (full["lambda_min"], False)
+    assert "witness (bottom, top)" in saddle.table(root)
+
+    path.unlink()  # a whole-group search that stopped above the subsample's curvature
+    forged = {**full, "lambda_min": witness["rayleigh_bottom"] + 1.5 * full["tolerance"]}
+    saddle._result_path(root, "full", "sgd-s9826", epoch, "tail").write_text(json.dumps(forged))
+    saddle.run_task(root, ("witness", "sgd-s9826", epoch, "tail"))
+    assert json.loads(path.read_text())["missed"]
+    assert "(missed)" in saddle.table(root)
+
+
+def test_a_witness_waits_for_its_result_and_goes_with_it(tmp_path, tiny_cnn_path):
+    """No witness before its whole-group result exists; a result set aside for the floor
+    takes its witness with it (kept), and both are computed again."""
+    root, epoch = _root_with(tmp_path, "r", tiny_cnn_path)
+    full, witness = (("full" if k == 0 else "witness", "sgd-s9826", epoch, "tail")
+                     for k in range(2))
+    saddle.run_task(root, ("final", "sgd-s9826", epoch, "tail"))
+    saddle.run_task(root, witness)
+    assert not saddle._result_path(root, *witness).exists()
+    saddle.run_task(root, full)
+    early = json.loads(saddle._result_path(root, *full).read_text())
+    early.pop("min_steps")
+    early["steps"] = 5
+    saddle._result_path(root, *full).write_text(json.dumps(early))
+    saddle.run_task(root, witness)
+    assert json.loads(saddle._result_path(root, *witness).read_text())["lambda_min"] == \
+        early["lambda_min"]
+    saddle.run_task(root, full)  # stopped before the floor: both set aside, it computed again
+    for task in (full, witness):
+        kept = saddle._result_path(root, *task)
+        assert json.loads(kept.with_name(kept.name + ".before-floor").read_text())[
+            "lambda_min"] == early["lambda_min"]
+    assert not saddle._result_path(root, *witness).exists()
+    saddle.run_task(root, witness)
+    assert json.loads(saddle._result_path(root, *full).read_text())["min_steps"]
+    assert saddle._result_path(root, *witness).exists()
