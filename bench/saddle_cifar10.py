@@ -555,7 +555,8 @@ def table(root: Path) -> str:
     if full:
         lines += ["", "Whole groups (every training image of the group). Witness: the whole "
                   "group's u^T H u along the 512-image bottom and top eigenvectors; below λmin "
-                  "or above λmax would prove an eigenvalue missed.", "",
+                  "or above λmax by more than the tolerance would prove an eigenvalue missed.",
+                  "",
                   "| run | group | λmax | λmin | ratio | converged | witness (bottom, top) |",
                   "|---|---|---|---|---|---|---|"]
         for key, r in sorted(full.items()):
