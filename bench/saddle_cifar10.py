@@ -286,6 +286,18 @@ def _result_path(root: Path, kind: str, name: str, epoch: int, group: str) -> Pa
     return root / "analysis" / name / f"{kind}_e{epoch:04d}_{group}.json"
 
 
+def _group_hessian(run, group: str, samples: int | None):
+    """The Hessian of ``group``'s mean loss over its fixed subsample of ``samples`` images
+    (None: all of them), products in :data:`ANALYSIS`'s dtype; and the number of images."""
+    import torch
+
+    from landscape.hvp import GroupHessian
+
+    x, y = run.group_data(group, samples=samples, seed=ANALYSIS["seed"])
+    dtype = getattr(torch, ANALYSIS["dtype"])
+    return GroupHessian(run.model, run.loss_fn(), x, y, dtype=dtype), int(len(y))
+
+
 def _extremes(run, group: str, settings: dict, journal: Path | None = None) -> dict:
     """lambda_max and lambda_min of the group's Hessian; with ``journal``, every product is
     kept there as it comes (:mod:`landscape.journal`), so that a killed whole-group run (an
@@ -293,18 +305,16 @@ def _extremes(run, group: str, settings: dict, journal: Path | None = None) -> d
     import torch
 
     from landscape.eigen import extreme_eigenpairs, saddle_ratio
-    from landscape.hvp import GroupHessian
     from landscape.journal import JournaledOperator
     from train.checkpoint import recorded_sha256
 
-    x, y = run.group_data(group, samples=settings["samples"], seed=ANALYSIS["seed"])
-    op = GroupHessian(run.model, run.loss_fn(), x, y, dtype=getattr(torch, ANALYSIS["dtype"]))
+    op, samples = _group_hessian(run, group, settings["samples"])
     if journal is not None:
         # the checkpoint's contents, not only its name (landscape.load checked the bytes)
         path = Path(run.path)
         contents = recorded_sha256(path) or hashlib.sha256(path.read_bytes()).hexdigest()
         op = JournaledOperator(op, journal, key=dict(
-            checkpoint=contents, group=group, samples=int(len(y)), settings=settings,
+            checkpoint=contents, group=group, samples=samples, settings=settings,
             dtype=ANALYSIS["dtype"], seed=ANALYSIS["seed"], torch=torch.__version__))
     began = time.perf_counter()
     r = extreme_eigenpairs(op, top=1, bottom=1, tol=settings["tol"],
@@ -315,12 +325,12 @@ def _extremes(run, group: str, settings: dict, journal: Path | None = None) -> d
             "ratio": saddle_ratio(float(r.bottom[0]), float(r.top[0])),
             "residuals": [float(r.top_residuals[0]), float(r.bottom_residuals[0])],
             "tolerance": float(r.tolerance), "converged": bool(r.converged),
-            "steps": int(r.steps), "samples": int(len(y)), "seconds": time.perf_counter() - began,
+            "steps": int(r.steps), "samples": samples, "seconds": time.perf_counter() - began,
             "vectors": {"top": r.top_vectors[0].float().cpu(),
                         "bottom": r.bottom_vectors[0].float().cpu()}}
 
 
-def _witness(run, root: Path, name: str, group: str) -> dict:
+def _witness(run, root: Path, name: str, group: str, settings: dict) -> dict:
     """An independent check of a whole-group result: the whole group's curvature ``u^T H u``
     along the final (512-image) bottom and top eigenvectors ``u`` (unit; one product of two
     columns).
@@ -333,12 +343,9 @@ def _witness(run, root: Path, name: str, group: str) -> dict:
     is then no evidence against the whole group's either."""
     import torch
 
-    from landscape.hvp import GroupHessian
-
     full = json.loads(_result_path(root, "full", name, run.epoch, group).read_text())
     vectors = torch.load(_result_path(root, "final", name, run.epoch, group).with_suffix(".pt"))
-    x, y = run.group_data(group, samples=None, seed=ANALYSIS["seed"])
-    op = GroupHessian(run.model, run.loss_fn(), x, y, dtype=getattr(torch, ANALYSIS["dtype"]))
+    op, samples = _group_hessian(run, group, settings["samples"])
     U = torch.stack([vectors["bottom"], vectors["top"]], dim=1).double()
     U = U / U.norm(dim=0)
     began = time.perf_counter()
@@ -347,21 +354,17 @@ def _witness(run, root: Path, name: str, group: str) -> dict:
             "lambda_min": full["lambda_min"], "lambda_max": full["lambda_max"],
             "missed": bool(bottom < full["lambda_min"] - full["tolerance"]
                            or top > full["lambda_max"] + full["tolerance"]),
-            "samples": int(len(y)), "seconds": time.perf_counter() - began}
+            "samples": samples, "seconds": time.perf_counter() - began}
 
 
 def _density(run, group: str, settings: dict) -> dict:
-    import torch
-
-    from landscape.hvp import GroupHessian
     from landscape.slq import slq
 
-    x, y = run.group_data(group, samples=settings["samples"], seed=ANALYSIS["seed"])
-    op = GroupHessian(run.model, run.loss_fn(), x, y, dtype=getattr(torch, ANALYSIS["dtype"]))
+    op, samples = _group_hessian(run, group, settings["samples"])
     d = slq(op, probes=settings["probes"], steps=settings["steps"], seed=ANALYSIS["seed"])
     return {"grid": d.grid.tolist(), "density": d.density.tolist(),
             "nodes": np.nan_to_num(d.nodes, nan=0.0).tolist(), "weights": d.weights.tolist(),
-            "variance": d.variance, "samples": int(len(y)), "hvps": d.hvps}
+            "variance": d.variance, "samples": samples, "hvps": d.hvps}
 
 
 def _surface(run, root: Path, name: str, settings: dict) -> dict:
@@ -414,6 +417,8 @@ def run_task(root: Path, task: tuple) -> None:
 
 
 def _floor() -> int:
+    """:data:`landscape.eigen.MIN_STEPS`, imported on use like the bench's other torch-backed
+    modules (the data stage needs none)."""
     from landscape.eigen import MIN_STEPS
 
     return MIN_STEPS
@@ -465,7 +470,7 @@ def _compute(root: Path, task: tuple, path: Path) -> None:
     elif kind == "surface":
         result = _surface(run, root, name, ANALYSIS["surface"])
     elif kind == "witness":
-        result = _witness(run, root, name, group)
+        result = _witness(run, root, name, group, ANALYSIS["witness"])
     else:
         journal = path.with_suffix(".journal") if kind == "full" else None
         result = _extremes(run, group, ANALYSIS[kind], journal)
