@@ -30,7 +30,8 @@ import sys
 from pathlib import Path
 
 from landscape.errors import AnalysisError
-from landscape.options import AUTO_FLOAT64_MAX_PARAMS, DTYPES, SPLITS, TRACE_METHODS
+from landscape.options import (AUTO_FLOAT64_MAX_PARAMS, DTYPES, MIN_STEPS, SPLITS,
+                               TRACE_METHODS)
 from train.options import LOSSES
 
 __all__ = ["add_parser", "run_hessian", "run_spectrum"]
@@ -72,6 +73,9 @@ def add_parser(subparsers) -> None:
     h.add_argument("--tol", type=float, default=1e-6,
                    help="Lanczos residual tolerance, relative to ||H|| [1e-6]")
     h.add_argument("--max_steps", type=int, default=300, help="Lanczos steps at most [300]")
+    h.add_argument("--min_steps", type=int, default=MIN_STEPS,
+                   help=f"Lanczos steps at least, so that a value inside the cluster near 0 "
+                        f"does not pass for lambda_min (landscape.eigen) [{MIN_STEPS}]")
     h.add_argument("--json", metavar="OUT", help="write the result here (else print it)")
     h.add_argument("--per_layer", action="store_true",
                    help="every top-level block's lambda_max, lambda_min and trace, the other "
@@ -119,6 +123,8 @@ def run_hessian(args) -> int:
         raise AnalysisError("--top and --bottom must be >= 0")
     if not args.tol > 0:
         raise AnalysisError(f"--tol must be > 0, got {args.tol}")
+    if args.min_steps < 0:
+        raise AnalysisError(f"--min_steps must be >= 0, got {args.min_steps}")
     if (args.trace or args.per_layer) and args.trace_hvps < 3:
         raise AnalysisError(f"--trace_hvps must be >= 3, got {args.trace_hvps}")
     if args.json is not None:
@@ -143,7 +149,7 @@ def run_hessian(args) -> int:
         summary = hessian_summary(
             run, args.group, top=args.top, bottom=args.bottom, trace=args.trace, seed=args.seed,
             split=args.split, loss=args.loss, batch_size=args.batch_size,
-            dtype=args.dtype, tol=args.tol, max_steps=args.max_steps,
+            dtype=args.dtype, tol=args.tol, max_steps=args.max_steps, min_steps=args.min_steps,
             trace_method=args.trace_method, trace_hvps=args.trace_hvps,
             progress=bar.update if bar else None, params=args.params,
             planned=(lambda hvps: _retotal(bar, hvps)) if bar else None)
@@ -210,7 +216,8 @@ def _run_per_layer(args, run) -> int:
                                 loss=args.loss, batch_size=args.batch_size,
                                 dtype=analysis_dtype(args.dtype, _selected_count(run, None)),
                                 tol=args.tol, max_steps=args.max_steps,
-                                trace_hvps=args.trace_hvps, progress=bar.update if bar else None)
+                                min_steps=args.min_steps, trace_hvps=args.trace_hvps,
+                                progress=bar.update if bar else None)
     finally:
         if bar is not None:
             bar.close()

@@ -51,8 +51,9 @@ import torch
 
 from landscape._block_lanczos import BlockKrylov, block_lanczos, ritz_residuals
 from landscape.lanczos import operator_matmat, operator_size
+from landscape.options import MIN_STEPS
 
-__all__ = ["EigenResult", "extreme_eigenpairs", "saddle_ratio"]
+__all__ = ["EigenResult", "MIN_STEPS", "extreme_eigenpairs", "saddle_ratio"]
 
 
 def saddle_ratio(lambda_min: Optional[float], lambda_max: Optional[float]) -> float:
@@ -146,7 +147,6 @@ class EigenResult:
                             self.top[0] if self.top.size else None)
 
 
-MIN_STEPS = 20  # the default floor on the steps (extreme_eigenpairs's min_steps: why)
 
 
 def _wanted(m: int, top: int, bottom: int) -> np.ndarray:

@@ -35,7 +35,7 @@ import torch
 from landscape.errors import AnalysisError
 from landscape.hvp import DEFAULT_METHOD, GroupHessian
 from landscape.layout import Patterns
-from landscape.eigen import EigenResult, extreme_eigenpairs
+from landscape.eigen import MIN_STEPS, EigenResult, extreme_eigenpairs
 from landscape.load import Group, Run
 from landscape.options import AUTO_FLOAT64_MAX_PARAMS, TRACE_METHODS
 from landscape.slq import SpectralDensity, slq
@@ -92,6 +92,7 @@ class Provenance:
         dtype: of the Hessian-vector products.
         seed: of Lanczos's start vector and of the trace's probes.
         tol: Lanczos's relative residual tolerance.
+        min_steps: Lanczos's floor on the steps (:func:`landscape.eigen.extreme_eigenpairs`).
         hvps: Hessian-vector products spent in all.
         seconds: wall time.
         params: the ``params`` patterns of a Hessian block (``None``: every parameter).
@@ -108,6 +109,7 @@ class Provenance:
     dtype: str
     seed: int
     tol: float
+    min_steps: int
     hvps: int
     seconds: float
     params: Optional[tuple[str, ...]] = None
@@ -156,7 +158,8 @@ class HessianSummary:
         """The JSON object of ``python -m landscape hessian``, flat, in plain JSON types:
 
         * provenance: ``group``, ``classes``, ``n_samples``, ``loss``, ``split``,
-          ``checkpoint``, ``epoch``, ``n_params``, ``dtype``, ``seed``, ``tol``, ``hvps``,
+          ``checkpoint``, ``epoch``, ``n_params``, ``dtype``, ``seed``, ``tol``,
+          ``min_steps``, ``hvps``,
           ``seconds``, ``params`` (the patterns of a Hessian block; ``null``: all);
         * eigenpairs: ``top``, ``bottom``, ``residuals`` (``{"top": [...], "bottom": [...]}``),
           ``converged``, ``reason`` (why not converged; ``null`` when converged),
@@ -195,7 +198,8 @@ def _check_k(name: str, k: int, n_params: int) -> int:
 def hessian_summary(run: Run, group: Group, top: int = 1, bottom: int = 1, trace: bool = False,
                     *, seed: int = 0, split: str = "train", loss: Optional[str] = None,
                     batch_size: Optional[int] = None, dtype: Union[str, torch.dtype] = "auto",
-                    tol: float = 1e-6, max_steps: int = 300, trace_method: str = "hutch++",
+                    tol: float = 1e-6, max_steps: int = 300, min_steps: int = MIN_STEPS,
+                    trace_method: str = "hutch++",
                     trace_hvps: int = 99, method: str = DEFAULT_METHOD,
                     progress: Optional[Callable[[int], object]] = None,
                     params: Optional[Patterns] = None,
@@ -216,6 +220,8 @@ def hessian_summary(run: Run, group: Group, top: int = 1, bottom: int = 1, trace
         dtype: ``"auto"`` (default: :func:`analysis_dtype`), float64 or float32 products.
         tol: Lanczos residual tolerance, relative to ``||H||_2``.
         max_steps: at most this many Lanczos steps.
+        min_steps: no stop before this many steps (capped at ``max_steps``; why a floor:
+            :func:`landscape.eigen.extreme_eigenpairs`).
         trace_method: ``hutch++`` or ``hutchinson``.
         trace_hvps: HVPs spent on the trace.
         method: the HVP method (:data:`landscape.hvp.HVP_METHODS`).
@@ -234,8 +240,9 @@ def hessian_summary(run: Run, group: Group, top: int = 1, bottom: int = 1, trace
     if trace_method not in TRACE_METHODS:
         raise AnalysisError(f"trace method must be one of {', '.join(TRACE_METHODS)}, "
                             f"got {trace_method!r}")
-    if not tol > 0 or int(max_steps) < 1 or int(trace_hvps) < 3:
-        raise AnalysisError("tol must be > 0, max_steps >= 1 and trace HVPs >= 3")
+    if not tol > 0 or int(max_steps) < 1 or int(min_steps) < 0 or int(trace_hvps) < 3:
+        raise AnalysisError("tol must be > 0, max_steps >= 1, min_steps >= 0 and trace HVPs "
+                            ">= 3")
     dtype = _resolved(dtype, run, params)
     op = GroupHessian.from_run(run, group, split=split, loss=loss, batch_size=batch_size,
                                dtype=dtype, method=method, progress=progress, params=params)
@@ -244,7 +251,7 @@ def hessian_summary(run: Run, group: Group, top: int = 1, bottom: int = 1, trace
     eigen = None
     if top or bottom:
         eigen = extreme_eigenpairs(op, top=top, bottom=bottom, tol=tol, max_steps=max_steps,
-                                   seed=seed)
+                                   min_steps=int(min_steps), seed=seed)
     if planned is not None:
         planned(op.hvps + (int(trace_hvps) if trace else 0))
     estimate = None
@@ -256,7 +263,7 @@ def hessian_summary(run: Run, group: Group, top: int = 1, bottom: int = 1, trace
         group=group_label(group), classes=tuple(op.classes or ()), n_samples=op.n_samples,
         loss=op.loss_name or "", split=split, checkpoint=str(run.path), epoch=int(run.epoch),
         n_params=op.n_params, dtype=str(dtype).replace("torch.", ""), seed=int(seed),
-        tol=float(tol), hvps=op.hvps, seconds=time.perf_counter() - began,
+        tol=float(tol), min_steps=int(min_steps), hvps=op.hvps, seconds=time.perf_counter() - began,
         params=op.param_patterns)
     return HessianSummary(eigen, estimate, provenance, loss_value)
 

@@ -10,8 +10,8 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["SPLITS", "DTYPES", "AUTO_FLOAT64_MAX_PARAMS", "HVP_METHODS", "TRACE_METHODS",
-           "SURFACE_METHODS", "NORMALIZATIONS", "ONE_D", "IGNORE", "SCALES"]
+__all__ = ["SPLITS", "DTYPES", "AUTO_FLOAT64_MAX_PARAMS", "MIN_STEPS", "HVP_METHODS",
+           "TRACE_METHODS", "SURFACE_METHODS", "NORMALIZATIONS", "ONE_D", "IGNORE", "SCALES"]
 
 SPLITS = ("train", "test")  # whose samples define a group's loss
 DTYPES = ("auto", "float64", "float32")  # of the Hessian-vector products (auto: by model size)
@@ -20,6 +20,9 @@ DTYPES = ("auto", "float64", "float32")  # of the Hessian-vector products (auto:
 # (landscape.lanczos). The threshold is measured by bench/bench_dtype.py (BENCHMARKS.md,
 # "Analysis dtype and probe blocks").
 AUTO_FLOAT64_MAX_PARAMS = 50_000
+# Lanczos never stops before this many steps, so that a Ritz value inside the dense cluster of
+# eigenvalues near 0 does not pass for lambda_min (landscape.eigen.extreme_eigenpairs: why).
+MIN_STEPS = 20
 HVP_METHODS = ("double-backward", "forward-over-reverse")
 TRACE_METHODS = ("hutch++", "hutchinson")
 SURFACE_METHODS = ("loop", "vmap")  # one forward per grid point, or vmapped blocks of points

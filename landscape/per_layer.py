@@ -35,6 +35,7 @@ import torch
 from landscape.hessian import hessian_summary
 from landscape.layout import ParamLayout
 from landscape.load import Group, Run
+from landscape.options import MIN_STEPS
 
 __all__ = ["BlockResult", "PerLayerSweep", "per_layer_sweep", "write_per_layer_figures"]
 
@@ -97,7 +98,7 @@ class PerLayerSweep:
 def per_layer_sweep(run: Run, group: Group = "all", *, seed: int = 0, split: str = "train",
                     loss: Optional[str] = None, batch_size: Optional[int] = None,
                     dtype: torch.dtype = torch.float64, tol: float = 1e-6, max_steps: int = 300,
-                    trace_hvps: int = 99,
+                    min_steps: int = MIN_STEPS, trace_hvps: int = 99,
                     progress: Optional[Callable[[int], object]] = None) -> PerLayerSweep:
     """``lambda_max``, ``lambda_min`` and the Hutch++ trace of each top-level block's Hessian
     (:meth:`landscape.layout.ParamLayout.blocks`), in the network's order; the arguments are
@@ -107,7 +108,8 @@ def per_layer_sweep(run: Run, group: Group = "all", *, seed: int = 0, split: str
     for block, patterns in ParamLayout.of(run.model).blocks().items():
         s = hessian_summary(run, group, top=1, bottom=1, trace=True, seed=seed, split=split,
                             loss=loss, batch_size=batch_size, dtype=dtype, tol=tol,
-                            max_steps=max_steps, trace_hvps=trace_hvps, progress=progress,
+                            max_steps=max_steps, min_steps=min_steps, trace_hvps=trace_hvps,
+                            progress=progress,
                             params=patterns)
         results.append(BlockResult(block, patterns, s.provenance.n_params, s.top[0],
                                    s.bottom[0], s.ratio, float(s.trace.value),

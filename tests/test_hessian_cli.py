@@ -99,6 +99,26 @@ def test_repeated_zero_eigenvalues_of_dead_units_from_the_command_line(tmp_path_
     assert "not converged: max_steps reached" in capsys.readouterr().err
 
 
+def test_min_steps_floor_from_the_command_line(mlp_path, tail_hessian, tmp_path, capsys):
+    # A loose tolerance stops Lanczos early; --min_steps holds it to the floor, the JSON says
+    # which floor was used, and the result is still the dense Hessian's.
+    runs = {}
+    for floor in (0, 40):
+        out = tmp_path / f"floor{floor}.json"
+        assert main(["hessian", mlp_path, "--group", "tail", "--tol", "1e-2", "--min_steps",
+                     str(floor), "--json", str(out), "--no_progress", "--device", "cpu"]) == 0
+        runs[floor] = json.loads(out.read_text())
+    assert runs[0]["min_steps"] == 0 and runs[40]["min_steps"] == 40
+    assert runs[0]["lanczos_steps"] < 40 <= runs[40]["lanczos_steps"]
+    exact = dense_eigh(tail_hessian)
+    assert runs[40]["top"][0] == pytest.approx(exact[-1], rel=1e-6)
+    assert runs[40]["bottom"][0] == pytest.approx(exact[0], rel=1e-4)
+    out = tmp_path / "bad.json"
+    assert main(["hessian", mlp_path, "--min_steps", "-1", "--json", str(out)]) == 2
+    assert "--min_steps must be >= 0" in _one_error_line(capsys)
+    assert not out.exists()
+
+
 @pytest.mark.slow
 def test_group_as_class_ids_on_a_batchnorm_cnn_prints_json(cnn_path, capsys):
     assert main(["hessian", cnn_path, "--group", "7,8,9", "--top", "1", "--bottom", "1",
