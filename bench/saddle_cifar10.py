@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import io
 import json
 import os
@@ -306,15 +305,13 @@ def _extremes(run, group: str, settings: dict, journal: Path | None = None) -> d
 
     from landscape.eigen import extreme_eigenpairs, saddle_ratio
     from landscape.journal import JournaledOperator
-    from train.checkpoint import recorded_sha256
+    from train.checkpoint import contents_sha256
 
     op, samples = _group_hessian(run, group, settings["samples"])
     if journal is not None:
         # the checkpoint's contents, not only its name (landscape.load checked the bytes)
-        path = Path(run.path)
-        contents = recorded_sha256(path) or hashlib.sha256(path.read_bytes()).hexdigest()
         op = JournaledOperator(op, journal, key=dict(
-            checkpoint=contents, group=group, samples=samples, settings=settings,
+            checkpoint=contents_sha256(run.path), group=group, samples=samples, settings=settings,
             dtype=ANALYSIS["dtype"], seed=ANALYSIS["seed"], torch=torch.__version__))
     began = time.perf_counter()
     r = extreme_eigenpairs(op, top=1, bottom=1, tol=settings["tol"],

@@ -77,6 +77,10 @@ def add_parser(subparsers) -> None:
                    help=f"Lanczos steps at least, so that a value inside the cluster near 0 "
                         f"does not pass for lambda_min (landscape.eigen) [{MIN_STEPS}]")
     h.add_argument("--json", metavar="OUT", help="write the result here (else print it)")
+    h.add_argument("--journal", metavar="DIR",
+                   help="keep every product in DIR as it comes, so that the same command run "
+                        "again after an interruption resumes where it stopped; its files are "
+                        "removed once the result is written (landscape.journal)")
     h.add_argument("--per_layer", action="store_true",
                    help="every top-level block's lambda_max, lambda_min and trace, the other "
                         "parameters fixed (figures with --out)")
@@ -132,6 +136,7 @@ def run_hessian(args) -> int:
         if out.is_dir() or not out.parent.is_dir():
             raise AnalysisError(f"--json {out}: not a file in an existing folder")
     _check_per_layer(args)
+    _check_journal(args)
     run = load(args.checkpoint, device=args.device)
     # Bad groups and sizes fail here, before a progress bar is drawn: one line on stderr.
     run.group_size(args.group, args.split)
@@ -152,7 +157,8 @@ def run_hessian(args) -> int:
             dtype=args.dtype, tol=args.tol, max_steps=args.max_steps, min_steps=args.min_steps,
             trace_method=args.trace_method, trace_hvps=args.trace_hvps,
             progress=bar.update if bar else None, params=args.params,
-            planned=(lambda hvps: _retotal(bar, hvps)) if bar else None)
+            planned=(lambda hvps: _retotal(bar, hvps)) if bar else None,
+            journal=args.journal)
     finally:
         if bar is not None:
             bar.close()
@@ -171,6 +177,10 @@ def run_hessian(args) -> int:
               f", lambda_min {summary.bottom[0] if summary.bottom else math.nan:.6g}, "
               f"ratio {ratio}, converged {summary.converged}, {how.hvps} HVPs, "
               f"{how.seconds:.1f} s -> {args.json}")
+    if args.journal is not None:  # the result is written: the products have done their work
+        from landscape.journal import remove
+
+        remove(args.journal)
     if not summary.converged:
         print(f"warning: not converged: {summary.eigen.reason}", file=sys.stderr)
     return 0
@@ -197,6 +207,15 @@ def _check_per_layer(args) -> None:
         raise AnalysisError("--out is only used with --per_layer")
     if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
         raise AnalysisError(f"--out {args.out}: exists and is not a folder")
+
+
+def _check_journal(args) -> None:
+    if args.journal is None:
+        return
+    if args.per_layer:
+        raise AnalysisError("--journal keeps one Lanczos run; drop it with --per_layer")
+    if Path(args.journal).exists() and not Path(args.journal).is_dir():
+        raise AnalysisError(f"--journal {args.journal}: exists and is not a folder")
 
 
 def _run_per_layer(args, run) -> int:

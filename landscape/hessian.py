@@ -203,7 +203,8 @@ def hessian_summary(run: Run, group: Group, top: int = 1, bottom: int = 1, trace
                     trace_hvps: int = 99, method: str = DEFAULT_METHOD,
                     progress: Optional[Callable[[int], object]] = None,
                     params: Optional[Patterns] = None,
-                    planned: Optional[Callable[[int], object]] = None) -> HessianSummary:
+                    planned: Optional[Callable[[int], object]] = None,
+                    journal: Optional[Union[str, Path]] = None) -> HessianSummary:
     """The ``top`` largest and ``bottom`` smallest Hessian eigenvalues of ``group``'s mean loss
     (one Lanczos run), the saddle ratio ``lambda_min / lambda_max`` and, with ``trace``, a
     Hutch++ (or Hutchinson) trace estimate with its standard error.
@@ -230,6 +231,11 @@ def hessian_summary(run: Run, group: Group, top: int = 1, bottom: int = 1, trace
             HVPs the whole call spends, e.g. to correct a progress bar's total.
         params: ``fnmatch`` patterns (``"layer4.*,fc.*"`` or a list): the Hessian block of those
             parameters, the others fixed (:class:`landscape.hvp.GroupHessian`).
+        journal: a folder that keeps every product as it comes
+            (:class:`landscape.journal.JournaledOperator`), so that the same call, run again
+            after an interruption, resumes where it stopped, to the same digits. It is left in
+            place: remove it (:func:`landscape.journal.remove`) once the result is safe.
+            Not under torchrun, where every rank would write it.
 
     Raises:
         AnalysisError: ``k`` larger than the parameter count, bad numbers, ``params`` matching
@@ -248,24 +254,42 @@ def hessian_summary(run: Run, group: Group, top: int = 1, bottom: int = 1, trace
                                dtype=dtype, method=method, progress=progress, params=params)
     top = _check_k("top", top, op.n_params)
     bottom = _check_k("bottom", bottom, op.n_params)
+    hessian = op if journal is None else _journaled(op, run, split, journal)
     eigen = None
     if top or bottom:
-        eigen = extreme_eigenpairs(op, top=top, bottom=bottom, tol=tol, max_steps=max_steps,
-                                   min_steps=int(min_steps), seed=seed)
+        eigen = extreme_eigenpairs(hessian, top=top, bottom=bottom, tol=tol,
+                                   max_steps=max_steps, min_steps=int(min_steps), seed=seed)
     if planned is not None:
         planned(op.hvps + (int(trace_hvps) if trace else 0))
     estimate = None
     if trace:
         estimator = hutchpp_trace if trace_method == "hutch++" else hutchinson_trace
-        estimate = estimator(op, int(trace_hvps), seed=seed)
+        estimate = estimator(hessian, int(trace_hvps), seed=seed)
     loss_value = op.loss()
     provenance = Provenance(
         group=group_label(group), classes=tuple(op.classes or ()), n_samples=op.n_samples,
         loss=op.loss_name or "", split=split, checkpoint=str(run.path), epoch=int(run.epoch),
         n_params=op.n_params, dtype=str(dtype).replace("torch.", ""), seed=int(seed),
-        tol=float(tol), min_steps=int(min_steps), hvps=op.hvps, seconds=time.perf_counter() - began,
-        params=op.param_patterns)
+        tol=float(tol), min_steps=int(min_steps), hvps=hessian.hvps,
+        seconds=time.perf_counter() - began, params=op.param_patterns)
     return HessianSummary(eigen, estimate, provenance, loss_value)
+
+
+def _journaled(op: GroupHessian, run: Run, split: str, folder: Union[str, Path]):
+    """``op`` with its products kept in ``folder``, under a key naming everything that
+    determines them (the digests of the requests cover the seed and the stopping)."""
+    from landscape import _distributed
+    from landscape.journal import JournaledOperator
+    from train.checkpoint import contents_sha256
+
+    if _distributed.world() > 1:
+        raise AnalysisError("a journal is not kept under torchrun (every rank would write it); "
+                            "drop --journal or run in one process")
+    key = {"checkpoint": contents_sha256(run.path), "classes": list(op.classes or ()),
+           "split": split, "loss": op.loss_name, "n_samples": op.n_samples,
+           "dtype": str(op.dtype), "method": op.method, "batch_size": op.batch_size,
+           "params": op.param_patterns, "device": op.device.type, "torch": torch.__version__}
+    return JournaledOperator(op, folder, key=key)
 
 
 def spectral_densities(run: Run, groups: Sequence[Group], probes: int = 10, steps: int = 90, *,

@@ -81,6 +81,8 @@ class JournaledOperator:
     Attributes:
         computed: products computed by ``op`` in this process.
         replayed: products answered from the folder.
+        hvps: the vectors of all answered products (a block of ``k`` counts ``k``), as
+            :attr:`landscape.hvp.GroupHessian.hvps` counts them.
     """
 
     def __init__(self, op, folder, *, key: Any):
@@ -89,7 +91,7 @@ class JournaledOperator:
         self.dtype = getattr(op, "dtype", torch.float64)
         self.device = getattr(op, "device", None)
         self.folder = Path(folder)
-        self.computed = self.replayed = 0
+        self.computed = self.replayed = self.hvps = 0
         self._next = 0  # the index of the next request
         self.folder.mkdir(parents=True, exist_ok=True)
         key_file = self.folder / "key.json"
@@ -102,6 +104,7 @@ class JournaledOperator:
         """``op.matmat(V)``, from the folder when the request at this index had this ``V``."""
         index, digest = self._next, _digest(V)
         self._next += 1
+        self.hvps += V.shape[1]
         path = self.folder / f"product_{index:05d}.pt"
         stored = _read_product(path)
         if stored is not None and stored["digest"] == digest:

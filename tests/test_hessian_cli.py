@@ -119,6 +119,62 @@ def test_min_steps_floor_from_the_command_line(mlp_path, tail_hessian, tmp_path,
     assert not out.exists()
 
 
+class _Killed(Exception):
+    pass
+
+
+def test_a_journaled_summary_interrupted_resumes_to_the_same_digits(mlp_path, tmp_path):
+    run = landscape.load(mlp_path, device="cpu")
+    kwargs = dict(top=2, bottom=2, trace=True, trace_hvps=9, tol=1e-8, seed=3)
+    whole = hessian_summary(run, "tail", **kwargs)
+    calls = []  # the HVPs of each product (a block of 2 vectors counts 2), as they are done
+
+    def killed_at(k):  # as a kill during the k-th product would: it is never written
+        def progress(hvps):
+            calls.append(hvps)
+            if len(calls) == k:
+                raise _Killed
+        return progress
+
+    folder = tmp_path / "journal"
+    with pytest.raises(_Killed):
+        hessian_summary(run, "tail", **kwargs, journal=folder, progress=killed_at(12))
+    assert len(list(folder.glob("product_*.pt"))) == 11
+    kept, calls[:] = sum(calls[:11]), []
+    again = hessian_summary(run, "tail", **kwargs, journal=folder, progress=calls.append)
+    assert sum(calls) == whole.provenance.hvps - kept  # the kept ones are not computed again
+    assert again.top == whole.top and again.bottom == whole.bottom
+    for end in ("top", "bottom"):
+        np.testing.assert_array_equal(again.residuals[end], whole.residuals[end])
+    assert (again.trace.value, again.trace.stderr) == (whole.trace.value, whole.trace.stderr)
+    assert again.provenance.hvps == whole.provenance.hvps
+    # Another group is another operator: the journal's products are not taken for its own.
+    other = hessian_summary(run, "head", **kwargs, journal=folder)
+    assert other.top == hessian_summary(run, "head", **kwargs).top
+
+
+def test_journal_from_the_command_line_is_removed_but_not_the_users_files(mlp_path, tmp_path,
+                                                                          capsys):
+    folder = tmp_path / "journal"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    out = tmp_path / "tail.json"
+    argv = ["hessian", mlp_path, "--group", "tail", "--json", str(out), "--no_progress",
+            "--device", "cpu"]
+    assert main(argv + ["--journal", str(folder)]) == 0
+    journaled = json.loads(out.read_text())
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
+    assert main(argv) == 0
+    plain = json.loads(out.read_text())
+    assert journaled["top"] == plain["top"] and journaled["bottom"] == plain["bottom"]
+    capsys.readouterr()
+    for bad, says in (([str(out)], "not a folder"), ([str(folder), "--per_layer"], "per_layer")):
+        target = tmp_path / "bad.json"
+        assert main(["hessian", mlp_path, "--json", str(target), "--journal"] + bad) == 2
+        assert says in _one_error_line(capsys)
+        assert not target.exists()
+
+
 @pytest.mark.slow
 def test_group_as_class_ids_on_a_batchnorm_cnn_prints_json(cnn_path, capsys):
     assert main(["hessian", cnn_path, "--group", "7,8,9", "--top", "1", "--bottom", "1",

@@ -304,3 +304,8 @@ def test_recorded_sha256_is_the_digest_the_loader_checks(tmp_path):
     other.write_bytes(path.read_bytes())  # copied in, never recorded
     assert ckpt.recorded_sha256(other) is None
     assert ckpt.recorded_sha256(tmp_path / "elsewhere" / "epoch_0001.pt") is None
+    # contents_sha256: the record where there is one, else the file's own digest.
+    assert ckpt.contents_sha256(path) == ckpt.recorded_sha256(path)
+    other.write_bytes(path.read_bytes() + b"x")
+    assert ckpt.contents_sha256(other) == hashlib.sha256(other.read_bytes()).hexdigest()
+    assert ckpt.contents_sha256(other) != ckpt.contents_sha256(path)

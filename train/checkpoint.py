@@ -42,7 +42,7 @@ from train.run_folder import BEST, CHECKPOINT_RE, CONFIG, MANIFEST, METRICS, che
 __all__ = [
     "CheckpointError", "save_checkpoint", "load_checkpoint", "list_checkpoints", "checkpoint_path",
     "read_config", "check_derived", "read_metrics", "metrics_through", "recorded_epochs",
-    "clean_stale_temps", "recorded_sha256",
+    "clean_stale_temps", "recorded_sha256", "contents_sha256",
     "FORMAT", "MANIFEST",
 ]
 
@@ -281,6 +281,12 @@ def recorded_sha256(path: str | os.PathLike) -> Optional[str]:
         return json.loads((path.parent / MANIFEST).read_text())[path.name]["sha256"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def contents_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of the checkpoint's bytes: the manifest's record (which :func:`load_checkpoint`
+    checked them against), else computed from the file (a checkpoint outside a run folder)."""
+    return recorded_sha256(path) or _sha256(Path(path).read_bytes())
 
 
 def recorded_epochs(run_dir: str | os.PathLike) -> list[int]:
