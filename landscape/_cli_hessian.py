@@ -1,13 +1,17 @@
 """``python -m landscape hessian`` and ``python -m landscape spectrum``.
 
 ``hessian CKPT --group G --top K --bottom K [--trace] [--json OUT]``: the K largest and K
-smallest Hessian eigenvalues of group G's mean loss (Lanczos, each with its residual), the saddle
-ratio lambda_min / lambda_max and, with --trace, a Hutch++ trace with its standard error. The
-JSON (also printed when --json is not given) holds group, classes, n_samples, loss, top, bottom,
-residuals (the true ||H x - theta x|| of each eigenvector), converged, reason (why not, when
-not), trace, trace_stderr, ratio (null when lambda_max <= 0 or an end is not asked for), hvps,
-seconds and the settings used (landscape.hessian.HessianSummary.to_json). Repeated eigenvalues
-are reported with their multiplicities (block Lanczos, a block of max(top, bottom) vectors).
+smallest Hessian eigenvalues of group G's mean loss (Lanczos, each with its residual), the
+saddle ratio lambda_min / lambda_max and, with --trace, a Hutch++ trace with its standard error.
+The JSON (also printed when --json is not given) holds group, classes, n_samples, loss, top,
+bottom, residuals (the true ||H x - theta x|| of each eigenvector), converged, reason (why not,
+when not), trace, trace_stderr, ratio (null when lambda_max <= 0 or an end is not asked for),
+hvps, seconds and the settings used (landscape.hessian.HessianSummary.to_json). Repeated
+eigenvalues are reported with their multiplicities (block Lanczos, a block of max(top, bottom)
+vectors). Lanczos stops when every residual is within --tol times ||H|| (the largest
+|eigenvalue| found), never before --min_steps steps. --journal DIR keeps every product as it
+comes, so that the same command run again after an interruption resumes where it stopped
+(landscape.journal).
 
 ``spectrum CKPT --groups head,tail --probes P --steps S --out DIR``: stochastic Lanczos
 quadrature densities of each group, written to DIR as spectrum.npz (nodes_G, weights_G, grid_G,
