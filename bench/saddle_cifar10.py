@@ -487,20 +487,22 @@ def _compute(root: Path, task: tuple, path: Path) -> None:
         + ", ".join(f"{k}={v:.4g}" for k, v in result.items() if isinstance(v, float)))
 
 
-def analyse(root: Path, jobs: int, worker: int | None = None, full: bool = False) -> None:
-    """Runs the pending tasks in ``jobs`` worker processes; each takes the next task no other
-    live worker has claimed."""
+def analyse(root: Path, jobs: int, worker: int | None = None, full: bool = False,
+            threads: int = 1) -> None:
+    """Runs the pending tasks in ``jobs`` worker processes of ``threads`` CPU threads each; each
+    takes the next task no other live worker has claimed."""
     if worker is not None:
         import torch
 
-        torch.set_num_threads(1)
+        torch.set_num_threads(threads)
         for task in _task_list(root, full):
             run_task(root, task)
         return
     extra = ["--full"] if full else []
     procs = [subprocess.Popen([sys.executable, __file__, "--root", str(root), "--stage",
-                               "analysis-worker", "--worker", str(k), *extra],
-                              env={**os.environ, "OMP_NUM_THREADS": "1"}) for k in range(jobs)]
+                               "analysis-worker", "--worker", str(k), "--threads", str(threads),
+                               *extra], env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+             for k in range(jobs)]
     codes = [p.wait() for p in procs]
     if any(codes):
         sys.exit(f"saddle_cifar10: an analysis worker failed ({codes})")
@@ -672,11 +674,17 @@ def main(argv=None) -> int:
     p.add_argument("--full", action="store_true",
                    help="analysis: also the extremes over every image of each group (slow)")
     p.add_argument("--jobs", type=int, default=2, help="training processes at a time")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads of each analysis process (one task's products; the "
+                        "numbers change only by rounding) [1]")
     p.add_argument("--model", choices=MODELS, help=f"default {COMMON['model']} (a new root)")
     p.add_argument("--epochs", type=int, help=f"default {COMMON['epochs']} (a new root)")
     p.add_argument("runs", nargs="*", default=list(RUNS), help="which runs (default: all)")
     args = p.parse_args(argv)
     root = args.root.resolve()
+    if args.threads < 1:
+        print(f"saddle_cifar10: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+        return 2
     try:
         fix_setting(root, model=args.model, epochs=args.epochs)
     except ValueError as e:
@@ -690,9 +698,9 @@ def main(argv=None) -> int:
     if args.stage in ("all", "train"):
         train_all(root, args.jobs, args.runs)
     if args.stage == "analysis-worker":
-        analyse(root, args.jobs, args.worker, args.full)
+        analyse(root, args.jobs, args.worker, args.full, args.threads)
     if args.stage in ("all", "analysis"):
-        analyse(root, args.jobs, full=args.full)
+        analyse(root, args.jobs, full=args.full, threads=args.threads)
     if args.stage in ("all", "figures"):
         figures(root)
     return 0

@@ -93,6 +93,7 @@ def test_whole_groups_come_last_and_the_asked_ones_first(tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--epochs", "0"], "--epochs must be at least 1"),
     (["--model", "resnet32"], "another --root"),
+    (["--threads", "0"], "--threads must be >= 1"),
 ])
 def test_bad_size_is_one_line_and_exit_2(argv, message, tmp_path, capsys):
     saddle.fix_setting(tmp_path, model="resnet20", epochs=60)
@@ -100,6 +101,20 @@ def test_bad_size_is_one_line_and_exit_2(argv, message, tmp_path, capsys):
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not (tmp_path / "figures").exists()
+
+
+def test_an_analysis_worker_runs_on_the_threads_asked_for(tmp_path, monkeypatch):
+    import torch
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(saddle, "_task_list", lambda root, full: [])
+    try:
+        saddle.analyse(tmp_path, jobs=1, worker=0, threads=2)
+        assert torch.get_num_threads() == 2
+        saddle.analyse(tmp_path, jobs=1, worker=0)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
 
 
 def _root_with(tmp_path, name: str, run_dir: str) -> tuple[Path, int]:
