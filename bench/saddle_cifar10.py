@@ -676,8 +676,7 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=2, help="training processes at a time")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads of each analysis process (one task's products; the "
-                        "numbers change only by rounding, but a journaled task resumes only on "
-                        "the thread count it began with: landscape.journal) [1]")
+                        "numbers change only by rounding) [1]")
     p.add_argument("--model", choices=MODELS, help=f"default {COMMON['model']} (a new root)")
     p.add_argument("--epochs", type=int, help=f"default {COMMON['epochs']} (a new root)")
     p.add_argument("runs", nargs="*", default=list(RUNS), help="which runs (default: all)")

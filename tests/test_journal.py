@@ -86,6 +86,44 @@ def test_a_diverging_request_drops_the_rest(tmp_path):
     assert len(list(tmp_path.glob("product_*.pt"))) == counted.calls
 
 
+@pytest.mark.parametrize("change, replayed", [(1e-15, True), (1e-6, False)])
+def test_a_request_changed_by_rounding_only_is_replayed(tmp_path, change, replayed):
+    """As a resume on another thread count asks: the same start block up to its last bits.
+    Rounding (1e-15 relative) replays every product, to the uninterrupted numbers within
+    rounding; a change far above it (1e-6) replays none and computes them all again."""
+    # Distinct eigenvalues: at _saddle's repeated top, rounding may turn the Ritz vector within
+    # the eigenspace, and the residual product is then rightly asked for another vector.
+    g = torch.Generator().manual_seed(5)
+    Q, _ = torch.linalg.qr(torch.randn(40, 40, generator=g, dtype=torch.float64))
+    H = Q @ torch.diag(torch.linspace(-3.0, 5.0, 40, dtype=torch.float64)) @ Q.T
+    start = torch.randn(H.shape[0], generator=g, dtype=torch.float64)
+    first = JournaledOperator(H, tmp_path, key="H")
+    a = extreme_eigenpairs(first, tol=1e-10, start=start)
+    nudged = start * (1 + change * torch.randn(start.shape, generator=g, dtype=torch.float64))
+    op = _Counted(H)
+    again = JournaledOperator(op, tmp_path, key="H")
+    b = extreme_eigenpairs(again, tol=1e-10, start=nudged)
+    assert (again.replayed, op.calls) == ((first.computed, 0) if replayed else (0, first.computed))
+    np.testing.assert_allclose(b.top, a.top, rtol=1e-12)
+    np.testing.assert_allclose(b.bottom, a.bottom, rtol=1e-12)
+
+
+def test_a_sketch_is_close_to_its_request_by_rounding_and_far_from_another():
+    from landscape.journal import SKETCH_RTOL, _close, _sketch
+
+    g = torch.Generator().manual_seed(0)
+    V = torch.randn(3 * (1 << 20) // 2, 2, generator=g, dtype=torch.float64)  # two chunks
+    stored = {"sketch": _sketch(V)}
+    assert _close(stored, _sketch(V * (1 + 1e-15)))
+    # float32 rounding (3e-8 of the norm here) is not the rounding of float64 requests
+    assert not _close(stored, _sketch(V.to(torch.float32).to(torch.float64)))
+    other = V.clone()
+    other[7, 1] += 1e-4 * float(V[:, 1].norm())  # one entry, a hundred-thousandth of the norm
+    assert not _close(stored, _sketch(other))
+    assert not _close({}, _sketch(V)) and not _close(stored, _sketch(V[:, :1]))
+    assert SKETCH_RTOL < 1e-4
+
+
 def test_a_run_that_parts_midway_replays_up_to_there(tmp_path):
     """Same seed, more steps allowed: the first run's Lanczos products are replayed, its
     residual products (where the longer run asks for step 11 instead) are not."""
