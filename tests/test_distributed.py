@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from _ranks import free_port, shared_folder, spawn_two_ranks
+from _ranks import free_port, run_torchrun, shared_folder, spawn_two_ranks
 import torch
 
 from train import checkpoint as ckpt
@@ -212,15 +210,13 @@ def test_a_fixed_gpu_under_torchrun_is_bad_input(monkeypatch, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_torchrun_command_line(tmp_path):
+def test_torchrun_command_line(tmp_path, tmp_path_factory):
     # The real launcher: `torchrun --standalone --nproc_per_node 2 -m train ...` on gloo.
     args = ["--dataset", "digits", "--opt", "ssesam", "--epochs", "2", "--batch_size", "100",
             "--device", "cpu", "--no_progress", "--save_every", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc_per_node", "2", "-m", "train", *args,
-                           "--out", str(tmp_path / "ddp")], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = run_torchrun(tmp_path_factory, ["train", *args, "--out", str(tmp_path / "ddp")],
+                        tmp_path / "ddp", cwd=ROOT, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == str(tmp_path / "ddp")  # printed once, by rank 0
     reference = train(Config(dataset="digits", opt="ssesam", epochs=2, batch_size=100,
@@ -266,7 +262,7 @@ def test_analysis_shared_between_two_ranks_gives_the_one_process_numbers(two_ran
 
 
 @pytest.mark.slow
-def test_torchrun_landscape_hessian_command(two_ranks, tmp_path):
+def test_torchrun_landscape_hessian_command(two_ranks, tmp_path, tmp_path_factory):
     # `torchrun -m landscape hessian`: the HVPs shared by 2 ranks, the JSON written by rank 0,
     # the same eigenvalues as one process (to 1e-12 relative) after the same number of HVPs.
     from landscape.cli import main as landscape_main
@@ -275,10 +271,9 @@ def test_torchrun_landscape_hessian_command(two_ranks, tmp_path):
     args = ["hessian", str(folder / "run"), "--group", "tail", "--max_steps", "40",
             "--device", "cpu", "--no_progress", "--batch_size", "16"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc_per_node", "2", "-m", "landscape", *args,
-                           "--json", str(tmp_path / "two.json")], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = run_torchrun(tmp_path_factory, ["landscape", *args, "--json",
+                                           str(tmp_path / "two.json")],
+                        tmp_path / "two.json", cwd=ROOT, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert len(done.stdout.strip().splitlines()) == 1  # rank 0's summary line only
     assert landscape_main([*args, "--json", str(tmp_path / "one.json")]) == 0
@@ -287,3 +282,10 @@ def test_torchrun_landscape_hessian_command(two_ranks, tmp_path):
     assert two["hvps"] == one["hvps"] and two["n_samples"] == one["n_samples"] == 60
     for key in ("top", "bottom"):
         assert two[key] == pytest.approx(one[key], rel=1e-12)
+    # A journal is not kept under torchrun (every rank would write it): one line, no files.
+    journal = tmp_path / "journal"
+    done = run_torchrun(tmp_path_factory, ["landscape", *args, "--json", str(tmp_path / "j.json"),
+                                           "--journal", str(journal)],
+                        tmp_path / "j.json", cwd=ROOT, env=env, timeout=300)
+    assert done.returncode != 0 and "a journal is not kept under torchrun" in done.stderr
+    assert not (tmp_path / "j.json").exists() and not journal.exists()
