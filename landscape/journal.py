@@ -27,8 +27,8 @@ Two guards keep it from mixing two runs:
   its product (:func:`_sketch`: ``SKETCH_ROWS`` random-sign sums and the column norms), within
   ``SKETCH_RTOL`` of the norms: rounding moves a sketch by about ``sqrt(n) 1e-16`` of the norm,
   another vector by about the norm itself. Such a run is a valid run of the operator, but no
-  longer the uninterrupted one's digits. (Digest and sketch cost 0.6 s a request of 21 million
-  parameters on a loaded CPU core here, the signs 1.5 s once; 4 ms for 269,722.)
+  longer the uninterrupted one's digits. The sketch is one more pass over each request, as
+  the digest is; its signs are drawn once, as int8.
 
 Bit for bit needs a deterministic operator too: :class:`landscape.hvp.GroupHessian` is, except
 that it halves its batch after a CUDA out-of-memory error, after which a resumed run is still
