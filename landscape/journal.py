@@ -74,7 +74,7 @@ __all__ = ["JournaledOperator", "remove"]
 _PRODUCT = re.compile(r"product_(\d{5})\.pt")
 SKETCH_ROWS = 4  # random-sign sums of a request kept with its product
 SKETCH_RTOL = 1e-8  # how close, relative to the column norms, a rounding-only change comes
-_SKETCH_CHUNK = 1 << 20  # signs drawn this many entries at a time (bounded memory)
+_SKETCH_CHUNK = 1 << 20  # signs taken to float64 this many entries at a time (bounded memory)
 
 
 class JournaledOperator:
@@ -190,8 +190,8 @@ def _read_product(path: Path) -> dict | None:
 
 
 def _signs(n: int) -> torch.Tensor:
-    """The sketch's fixed ``(SKETCH_ROWS, n)`` random signs (seed 0), as int8: a quarter of
-    one float32 product's memory, drawn once per operator."""
+    """The sketch's fixed ``(SKETCH_ROWS, n)`` random signs (seed 0), as int8: the memory of
+    one float32 vector, drawn once per operator."""
     generator = torch.Generator().manual_seed(0)
     return (2 * torch.randint(0, 2, (SKETCH_ROWS, n), generator=generator) - 1).to(torch.int8)
 

@@ -67,4 +67,3 @@ def run_torchrun(tmp_path_factory, module_argv, out: Path, **kwargs) -> subproce
                 shutil.rmtree(out)
             else:
                 out.unlink(missing_ok=True)
-    return done
