@@ -15,6 +15,8 @@ import json
 import sys
 from pathlib import Path
 
+from landscape._cli_hessian import add_min_steps
+from landscape.classes import SweepSettings
 from landscape.errors import AnalysisError
 from landscape.options import AUTO_FLOAT64_MAX_PARAMS, DTYPES, SPLITS
 
@@ -27,24 +29,28 @@ def add_parser(subparsers) -> None:
                               description=__doc__.split("\n\n")[1])
     p.add_argument("checkpoint", help="epoch_NNNN.pt, or a run folder (its newest checkpoint)")
     p.add_argument("--classes", default="all", help="all, or class ids 0,3,7 [all]")
-    p.add_argument("--steps", type=int, default=100,
-                   help="Lanczos steps at most for the extremes, and per SLQ probe [100]")
-    p.add_argument("--tol", type=float, default=1e-4,
-                   help="relative residual tolerance of the extreme eigenpairs [1e-4]")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of Lanczos, the probes and the subsample [0]")
+    d = SweepSettings()  # its defaults, declared there
+    p.add_argument("--steps", type=int, default=d.steps,
+                   help=f"Lanczos steps at most for the extremes, and per SLQ probe [{d.steps}]")
+    add_min_steps(p)
+    p.add_argument("--tol", type=float, default=d.tol,
+                   help=f"relative residual tolerance of the extreme eigenpairs [{d.tol:g}]")
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help=f"seed of Lanczos, the probes and the subsample [{d.seed}]")
     p.add_argument("--samples", type=int, help="at most N samples per class [all]")
-    p.add_argument("--split", choices=SPLITS, default="train",
-                   help="the classes' samples [train]")
-    p.add_argument("--trace_hvps", type=int, default=99, help="HVPs per Hutch++ trace [99]")
+    p.add_argument("--split", choices=SPLITS, default=d.split,
+                   help=f"the classes' samples [{d.split}]")
+    p.add_argument("--trace_hvps", type=int, default=d.trace_hvps,
+                   help=f"HVPs per Hutch++ trace [{d.trace_hvps}]")
     p.add_argument("--density", action="store_true", help="also the SLQ spectral densities")
-    p.add_argument("--probes", type=int, default=10, help="SLQ probes with --density [10]")
+    p.add_argument("--probes", type=int, default=d.probes,
+                   help=f"SLQ probes with --density [{d.probes}]")
     p.add_argument("--params", metavar="PATTERN[,PATTERN]",
                    help="the Hessian block of the parameters matching these globs (e.g. "
                         "layer4.*,fc.*), the others fixed [all parameters]")
-    p.add_argument("--dtype", choices=DTYPES, default="auto",
+    p.add_argument("--dtype", choices=DTYPES, default=d.dtype,
                    help=f"dtype of the Hessian-vector products; auto: float64 up to "
-                        f"{AUTO_FLOAT64_MAX_PARAMS:,} parameters, float32 above [auto]")
+                        f"{AUTO_FLOAT64_MAX_PARAMS:,} parameters, float32 above [{d.dtype}]")
     p.add_argument("--batch_size", type=int, help="samples per forward pass [as hessian]")
     p.add_argument("--no_cache", action="store_true", help="neither read nor write the cache")
     p.add_argument("--json", metavar="OUT", help="write the results here (else print them)")
@@ -67,14 +73,14 @@ def _check_outputs(args) -> None:
 
 def run_classes(args) -> int:
     from landscape import _distributed, plots
-    from landscape.classes import SweepSettings, class_sweep, parse_classes
+    from landscape.classes import class_sweep, parse_classes
     from landscape.load import load
     from train.io import atomic_write_bytes
     from train.options import OPTIMIZER_LABELS
 
     _check_outputs(args)
-    SweepSettings(steps=args.steps, tol=args.tol, seed=args.seed, samples=args.samples,
-                  trace_hvps=args.trace_hvps, probes=args.probes,
+    SweepSettings(steps=args.steps, tol=args.tol, min_steps=args.min_steps, seed=args.seed,
+                  samples=args.samples, trace_hvps=args.trace_hvps, probes=args.probes,
                   params=args.params, dtype=args.dtype)  # bad numbers: one line
     run = load(args.checkpoint, device=args.device)
     ids = parse_classes(run, args.classes)
@@ -91,7 +97,8 @@ def run_classes(args) -> int:
         bar = tqdm(total=per_class * len(ids), unit="hvp", desc="classes", file=sys.stderr,
                    leave=False)  # at most: Lanczos may stop early, cached classes cost none
     try:
-        sweep = class_sweep(run, ids, steps=args.steps, tol=args.tol, seed=args.seed,
+        sweep = class_sweep(run, ids, steps=args.steps, tol=args.tol,
+                            min_steps=args.min_steps, seed=args.seed,
                             samples=args.samples, split=args.split, trace_hvps=args.trace_hvps,
                             density=args.density, probes=args.probes, cache=not args.no_cache,
                             batch_size=args.batch_size, progress=bar.update if bar else None,

@@ -38,7 +38,15 @@ from landscape.options import (AUTO_FLOAT64_MAX_PARAMS, DTYPES, MIN_STEPS, SPLIT
                                TRACE_METHODS)
 from train.options import LOSSES
 
-__all__ = ["add_parser", "run_hessian", "run_spectrum"]
+__all__ = ["add_parser", "add_min_steps", "run_hessian", "run_spectrum"]
+
+
+def add_min_steps(p) -> None:
+    """``--min_steps``, on every command whose Lanczos finds extremes (``hessian``, ``classes``,
+    ``report`` and ``demo``)."""
+    p.add_argument("--min_steps", type=int, default=MIN_STEPS,
+                   help=f"Lanczos steps at least, so that a value inside the cluster near 0 "
+                        f"does not pass for lambda_min (landscape.eigen) [{MIN_STEPS}]")
 
 
 def _common(p) -> None:
@@ -77,9 +85,7 @@ def add_parser(subparsers) -> None:
     h.add_argument("--tol", type=float, default=1e-6,
                    help="Lanczos residual tolerance, relative to ||H|| [1e-6]")
     h.add_argument("--max_steps", type=int, default=300, help="Lanczos steps at most [300]")
-    h.add_argument("--min_steps", type=int, default=MIN_STEPS,
-                   help=f"Lanczos steps at least, so that a value inside the cluster near 0 "
-                        f"does not pass for lambda_min (landscape.eigen) [{MIN_STEPS}]")
+    add_min_steps(h)
     h.add_argument("--json", metavar="OUT", help="write the result here (else print it)")
     h.add_argument("--journal", metavar="DIR",
                    help="keep every product in DIR as it comes, so that the same command run "

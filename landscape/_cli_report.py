@@ -17,8 +17,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from landscape._cli_hessian import add_min_steps
 from landscape.errors import AnalysisError
 from landscape.options import AUTO_FLOAT64_MAX_PARAMS, DTYPES, SPLITS
+from landscape.report.settings import DEFAULT_SETTINGS as DEFAULT
 from train.cli_base import add_threads, set_threads
 
 DEMO_OPTIMIZERS = ("sgd", "sam", "imbsam", "ssesam")
@@ -28,22 +30,27 @@ DEMO_TRAINING = {"dataset": "digits", "imb_factor": 20.0, "lr": 0.1}
 
 
 def _add_report_options(p, threads: str = "torch's default") -> None:
-    p.add_argument("--every", type=int, default=1,
-                   help="use checkpoints whose epoch is a multiple of K (and the last) [1]")
-    p.add_argument("--steps", type=int, default=100,
-                   help="Lanczos steps at most for the extremes, and per SLQ probe [100]")
-    p.add_argument("--probes", type=int, default=10, help="SLQ probes for the densities [10]")
-    p.add_argument("--seed", type=int, default=0, help="seed of Lanczos and of the probes [0]")
-    p.add_argument("--tol", type=float, default=1e-4,
-                   help="relative residual tolerance of the extreme eigenpairs [1e-4]")
-    p.add_argument("--split", choices=SPLITS, default="train",
-                   help="the groups' samples [train]")
-    p.add_argument("--groups", default="head,tail", help="groups compared [head,tail]")
+    d = DEFAULT  # ReportSettings' defaults, declared there
+    p.add_argument("--every", type=int, default=d.every,
+                   help=f"use checkpoints whose epoch is a multiple of K (and the last) "
+                        f"[{d.every}]")
+    p.add_argument("--steps", type=int, default=d.steps,
+                   help=f"Lanczos steps at most for the extremes, and per SLQ probe [{d.steps}]")
+    add_min_steps(p)
+    p.add_argument("--probes", type=int, default=d.probes,
+                   help=f"SLQ probes for the densities [{d.probes}]")
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help=f"seed of Lanczos and of the probes [{d.seed}]")
+    p.add_argument("--tol", type=float, default=d.tol,
+                   help=f"relative residual tolerance of the extreme eigenpairs [{d.tol:g}]")
+    p.add_argument("--split", choices=SPLITS, default=d.split,
+                   help=f"the groups' samples [{d.split}]")
+    p.add_argument("--groups", default=",".join(d.groups),
+                   help=f"groups compared [{','.join(d.groups)}]")
     p.add_argument("--no_densities", action="store_true", help="skip the SLQ densities")
-    p.add_argument("--dtype", choices=DTYPES, default="auto",
+    p.add_argument("--dtype", choices=DTYPES, default=d.dtype,
                    help="dtype of the Hessian-vector products; auto: float64 up to "
-                        f"{AUTO_FLOAT64_MAX_PARAMS:,} "
-                        "parameters, float32 above [auto]")
+                        f"{AUTO_FLOAT64_MAX_PARAMS:,} parameters, float32 above [{d.dtype}]")
     p.add_argument("--classes", default="",
                    help="also the per-class sweep of the final checkpoints: all, or class ids "
                         "0,3,7 [none]")
@@ -76,8 +83,9 @@ def _settings(args):
     from landscape.report import ReportSettings
 
     groups = tuple(g.strip() for g in args.groups.split(",") if g.strip())
-    return ReportSettings(every=args.every, steps=args.steps, probes=args.probes, seed=args.seed,
-                          tol=args.tol, split=args.split, groups=groups,
+    return ReportSettings(every=args.every, steps=args.steps, min_steps=args.min_steps,
+                          probes=args.probes, seed=args.seed, tol=args.tol, split=args.split,
+                          groups=groups,
                           densities=not args.no_densities, classes=args.classes,
                           dtype=args.dtype)
 

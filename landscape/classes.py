@@ -40,7 +40,7 @@ from landscape.errors import AnalysisError
 from landscape.hvp import GroupHessian
 from landscape.layout import ParamLayout, parse_patterns
 from landscape.load import Run
-from landscape.options import DTYPES, SPLITS
+from landscape.options import DTYPES, MIN_STEPS, SPLITS
 from landscape.slq import SpectralDensity, gaussian_density, slq
 from landscape.traces import hutchpp_trace
 
@@ -54,6 +54,8 @@ class SweepSettings:
     Attributes:
         steps: Lanczos steps at most for the extremes, and per SLQ probe.
         tol: relative residual tolerance of the extreme eigenpairs.
+        min_steps: Lanczos steps at least for the extremes (:data:`landscape.options.MIN_STEPS`:
+            why a floor).
         seed: seed of Lanczos's start vector, the trace's probes, the SLQ probes and the
             subsample.
         samples: at most this many samples per class (``None``: all of them).
@@ -69,6 +71,7 @@ class SweepSettings:
 
     steps: int = 100
     tol: float = 1e-4
+    min_steps: int = MIN_STEPS
     seed: int = 0
     samples: Optional[int] = None
     split: str = "train"
@@ -81,7 +84,8 @@ class SweepSettings:
     def __post_init__(self) -> None:
         if self.params is not None:
             object.__setattr__(self, "params", parse_patterns(self.params))
-        for name, low in (("steps", 1), ("trace_hvps", 3), ("probes", 1), ("seed", 0)):
+        for name, low in (("steps", 1), ("trace_hvps", 3), ("probes", 1), ("seed", 0),
+                          ("min_steps", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise AnalysisError(f"{name} must be an integer >= {low}, got {value!r}")
@@ -222,7 +226,8 @@ def _class_result(run: Run, class_id: int, settings: SweepSettings, cache: bool,
         return made[0]
 
     def extremes():
-        e = extreme_eigenpairs(op(), top=1, bottom=1, tol=s.tol, max_steps=s.steps, seed=s.seed)
+        e = extreme_eigenpairs(op(), top=1, bottom=1, tol=s.tol, max_steps=s.steps,
+                               min_steps=s.min_steps, seed=s.seed)
         return {"lambda_max": float(e.top[0]), "lambda_min": float(e.bottom[0]),
                 "converged": e.converged, "lanczos_steps": int(e.steps),
                 "residuals": [float(e.top_residuals[0]), float(e.bottom_residuals[0])]}, {}
@@ -239,7 +244,8 @@ def _class_result(run: Run, class_id: int, settings: SweepSettings, cache: bool,
            "n_samples": len(y), "loss": run.config.loss, "seed": s.seed,
            "dtype": str(dtype).removeprefix("torch."),
            **({} if s.params is None else {"params": list(s.params)})}
-    found = cached_entry(run, name, {**key, "steps": s.steps, "tol": s.tol}, extremes, cache)
+    found = cached_entry(run, name, {**key, "steps": s.steps, "tol": s.tol,
+                                     "min_steps": s.min_steps}, extremes, cache)
     found.update(cached_entry(run, name, {**key, "kind": "class-trace", "method": "hutch++",
                                           "hvps": s.trace_hvps}, trace, cache))
     slq_density = None
@@ -255,10 +261,15 @@ def _class_result(run: Run, class_id: int, settings: SweepSettings, cache: bool,
                        math.nan if stderr is None else stderr, slq_density)
 
 
-def class_sweep(run: Run, classes: Union[str, Sequence[int]] = "all", *, steps: int = 100,
-                tol: float = 1e-4, seed: int = 0, samples: Optional[int] = None,
-                split: str = "train", trace_hvps: int = 99, density: bool = False,
-                probes: int = 10, dtype: str = "auto", cache: bool = True,
+_DEFAULT = SweepSettings()  # class_sweep's defaults are the settings' own
+
+
+def class_sweep(run: Run, classes: Union[str, Sequence[int]] = "all", *,
+                steps: int = _DEFAULT.steps, tol: float = _DEFAULT.tol,
+                min_steps: int = _DEFAULT.min_steps, seed: int = _DEFAULT.seed,
+                samples: Optional[int] = _DEFAULT.samples, split: str = _DEFAULT.split,
+                trace_hvps: int = _DEFAULT.trace_hvps, density: bool = _DEFAULT.density,
+                probes: int = _DEFAULT.probes, dtype: str = _DEFAULT.dtype, cache: bool = True,
                 batch_size: Optional[int] = None,
                 progress: Optional[Callable[[int], object]] = None,
                 params=None) -> ClassSweep:
@@ -267,8 +278,9 @@ def class_sweep(run: Run, classes: Union[str, Sequence[int]] = "all", *, steps: 
     Args:
         run: a loaded checkpoint (:func:`landscape.load`).
         classes: ``"all"``, ``"0,3,7"`` or a list of class ids.
-        steps, tol, seed, samples, split, trace_hvps, density, probes, params, dtype: see
-            :class:`SweepSettings` (``params``: globs, ``"layer4.*,fc.*"`` or a list).
+        steps, tol, min_steps, seed, samples, split, trace_hvps, density, probes, params,
+            dtype: see :class:`SweepSettings` (``params``: globs, ``"layer4.*,fc.*"`` or a
+            list).
         cache: read and write ``RUN_DIR/hessian/epoch_NNNN_class_C.json``.
         batch_size: samples per forward pass (results do not depend on it).
         progress: called with the number of HVPs after each product.
@@ -277,9 +289,9 @@ def class_sweep(run: Run, classes: Union[str, Sequence[int]] = "all", *, steps: 
         GroupError: an unknown class id or a class without samples.
         AnalysisError: bad settings.
     """
-    settings = SweepSettings(steps=steps, tol=tol, seed=seed, samples=samples, split=split,
-                             trace_hvps=trace_hvps, density=density, probes=probes,
-                             params=params, dtype=dtype)
+    settings = SweepSettings(steps=steps, tol=tol, min_steps=min_steps, seed=seed,
+                             samples=samples, split=split, trace_hvps=trace_hvps,
+                             density=density, probes=probes, params=params, dtype=dtype)
     if params is not None:
         ParamLayout.of(run.model).select(settings.params)  # matches nothing: fail at once
     ids = parse_classes(run, classes)

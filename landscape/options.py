@@ -1,7 +1,8 @@
 """The names of every choice the analysis offers: one place for the command lines, the Python
 API's checks and the docs (as :mod:`train.options` is for training).
 
-Light on purpose (no torch import), so that ``python -m landscape --help`` stays fast.
+Plain constants that import nothing; note that ``import landscape.options`` still runs
+``landscape/__init__.py``, which loads torch (the package exports its torch-backed API).
 
 Example:
     >>> SPLITS, DTYPES

@@ -80,6 +80,42 @@ def test_cache_is_reused_and_json_round_trips(tiny_mlp_path, monkeypatch):
     assert set(data["classes"][1]["density"]) >= {"nodes", "weights", "variance"}
 
 
+def test_the_floor_is_a_setting_and_keys_the_cache(tiny_mlp_path):
+    # A loose tolerance stops Lanczos early unless the floor holds it; a class cached without
+    # the floor is not the answer with it (the cache key has min_steps), and the JSON says
+    # which floor was used.
+    from landscape.options import MIN_STEPS
+
+    run = landscape.load(tiny_mlp_path, device="cpu")
+    loose = dict(steps=60, tol=1e-2, trace_hvps=9)
+    early = landscape.class_sweep(run, [8], min_steps=0, **loose)
+    floored = landscape.class_sweep(run, [8], **loose)
+    assert early.classes[0].lanczos_steps < MIN_STEPS <= floored.classes[0].lanczos_steps
+    assert [s.to_json()["settings"]["min_steps"] for s in (early, floored)] == [0, MIN_STEPS]
+    entries = json.loads((run.run_dir / "hessian" / f"epoch_{run.epoch:04d}_class_8.json")
+                         .read_text())["entries"]
+    assert sorted(e["key"]["min_steps"] for e in entries.values()
+                  if e["key"]["kind"] == "class-extremes" and e["key"]["tol"] == 1e-2
+                  ) == [0, MIN_STEPS]
+    with pytest.raises(AnalysisError, match="min_steps must be an integer >= 0"):
+        landscape.class_sweep(run, [8], min_steps=-1)
+
+
+def test_command_defaults_are_the_settings_defaults():
+    from landscape.classes import SweepSettings
+    from landscape.cli import build_parser
+
+    subparsers = next(a for a in build_parser()._actions if a.dest == "command").choices
+    args = subparsers["classes"].parse_args(["run"])
+    names = [n for n in SweepSettings.__dataclass_fields__ if n not in ("density", "params")]
+    assert {n: getattr(args, n) for n in names} == {n: getattr(SweepSettings(), n)
+                                                    for n in names}
+    args = subparsers["report"].parse_args(["run", "--out", "x"])
+    from landscape._cli_report import _settings
+
+    assert _settings(args) == ReportSettings()
+
+
 def test_classes_command_and_figures(tiny_mlp_path, tmp_path, landscape_cli):
     out, js = tmp_path / "figs", tmp_path / "c.json"
     code, stdout, _ = landscape_cli(["classes", tiny_mlp_path, "--classes", "1,7", "--steps",
@@ -111,6 +147,7 @@ def _plotly_figure(html: str) -> dict:
     (["--classes", "12"], "class id 12"),
     (["--classes", "a,b"], "unknown group"),
     (["--steps", "0"], "steps must be"),
+    (["--min_steps", "-1"], "min_steps must be"),
     (["--tol", "2"], "tol must be"),
     (["--samples", "0"], "samples must be"),
     (["--trace_hvps", "2"], "trace_hvps must be"),

@@ -119,6 +119,27 @@ def test_report_command(runs, tmp_path, landscape_cli):
         "indicators"]] == [0, 0, 4, 4]
 
 
+def test_report_floor_reaches_lanczos_and_the_cache_key(runs, monkeypatch, landscape_cli,
+                                                        tmp_path):
+    from landscape.options import MIN_STEPS
+
+    run = landscape.load(f"{runs['sgd']}/epoch_0000.pt", device="cpu")
+    loose = dict(steps=60, probes=2, tol=1e-2)
+    early = group_indicators(run, "head", ReportSettings(min_steps=0, **loose))
+    floored = group_indicators(run, "head", ReportSettings(**loose))
+    assert early.lanczos_steps < MIN_STEPS <= floored.lanczos_steps
+    entries = json.loads((run.run_dir / "hessian" / "epoch_0000_head.json").read_text())
+    assert sorted(e["key"]["min_steps"] for e in entries["entries"].values()
+                  if e["key"]["tol"] == 1e-2) == [0, MIN_STEPS]
+    out = tmp_path / "out"
+    code, _, err = landscape_cli(["report", runs["sgd"], "--out", str(out), "--steps", "30",
+                                  "--min_steps", "5", "--no_densities", "--every", "100",
+                                  "--no_progress"])
+    assert code == 0, err
+    assert json.loads((out / "report.json").read_text())["settings"]["min_steps"] == 5
+    assert "Lanczos, 5 to 30 steps" in (out / "report.md").read_text()
+
+
 def test_report_bad_input(runs, tmp_path, landscape_cli):
     other_groups = _train(tmp_path / "eta", eta=20.0, epochs=1, save_every=1)
     empty = tmp_path / "empty"
@@ -131,6 +152,7 @@ def test_report_bad_input(runs, tmp_path, landscape_cli):
         ([runs["sgd"], str(tmp_path / "missing")], "missing"),
         ([runs["sgd"], runs["sgd"]], "given twice"),
         ([runs["sgd"], "--every", "0"], "every must be"),
+        ([runs["sgd"], "--min_steps", "-1"], "min_steps must be"),
         ([runs["sgd"], "--groups", "middle"], "unknown or empty"),
     ]
     for argv, message in cases:

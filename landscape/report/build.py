@@ -157,8 +157,8 @@ def _run_summary(run_dir: Path, config: dict, label: str, settings: ReportSettin
         from landscape.classes import class_sweep
 
         sweep = class_sweep(run, settings.classes, steps=settings.steps, tol=settings.tol,
-                            seed=settings.seed, split=settings.split, dtype=settings.dtype,
-                            cache=cache)
+                            min_steps=settings.min_steps, seed=settings.seed,
+                            split=settings.split, dtype=settings.dtype, cache=cache)
         report("classes")
     derived = config.get("derived", {})
     switch = derived.get("switch_epoch") if config.get("opt") == "ssesam" else None

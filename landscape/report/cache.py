@@ -31,7 +31,6 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from landscape.eigen import MIN_STEPS
 from landscape.report.results import GroupIndicators
 from landscape.report.settings import DEFAULT_SETTINGS, ReportSettings
 from train import checkpoint as ckpt
@@ -57,7 +56,7 @@ def _cache_key(run, group: str, kind: str, settings: ReportSettings) -> dict:
            "loss": run.config.loss, "seed": settings.seed, "steps": settings.steps,
            "dtype": _dtype_name(run, settings), "checkpoint_sha256": ckpt.recorded_sha256(run.path)}
     if kind == "extremes":  # the floor changes early stops: results from before it are stale
-        key.update(tol=settings.tol, min_steps=MIN_STEPS)
+        key.update(tol=settings.tol, min_steps=settings.min_steps)
     else:
         key["probes"] = settings.probes
     return key
@@ -108,7 +107,8 @@ def group_indicators(run, group: str, settings: ReportSettings = DEFAULT_SETTING
     def compute() -> tuple[dict, dict]:
         summary = hessian_summary(run, group, top=1, bottom=1, seed=settings.seed,
                                   split=settings.split, tol=settings.tol,
-                                  max_steps=settings.steps, dtype=settings.dtype)
+                                  max_steps=settings.steps, min_steps=settings.min_steps,
+                                  dtype=settings.dtype)
         eigen = summary.eigen
         indicators = GroupIndicators(
             epoch=run.epoch, group=group, lambda_max=summary.top[0],

@@ -69,8 +69,9 @@ def _report_markdown(report: SaddleReport, table: str, densities, sweeps) -> str
         f"# Saddle report ({report.dataset})", "",
         f"Groups: {groups}. Final checkpoint of each run; test accuracy in % (mean per class, "
         "and over the many / medium / few classes); extreme eigenvalues of the Hessian of each "
-        f"group's mean {s.split}-set loss (Lanczos, at most {s.steps} steps, relative residual "
-        f"tolerance {s.tol:g}, seed {s.seed}). λmin/λmax < 0: the group's loss is at a saddle.",
+        f"group's mean {s.split}-set loss (Lanczos, {min(s.min_steps, s.steps)} to {s.steps} "
+        f"steps, relative residual tolerance {s.tol:g}, seed {s.seed}). λmin/λmax < 0: the "
+        "group's loss is at a saddle.",
         "", table, "![saddle indicators over training](indicators.png)", "",
         "Interactive: [indicators.html](indicators.html)",
     ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from landscape.errors import AnalysisError
-from landscape.options import DTYPES, SPLITS
+from landscape.options import DTYPES, MIN_STEPS, SPLITS
 
 __all__ = ["ReportSettings", "DEFAULT_SETTINGS", "SPLITS"]
 
@@ -21,6 +21,8 @@ class ReportSettings:
         probes: SLQ probes for the densities.
         seed: seed of Lanczos's start vector and of the SLQ probes.
         tol: relative residual tolerance of the extreme eigenpairs.
+        min_steps: Lanczos steps at least for the extremes (:data:`landscape.options.MIN_STEPS`:
+            why a floor).
         split: the groups' samples, ``train`` or ``test``.
         groups: the groups compared.
         densities: whether to estimate the final checkpoints' spectral densities.
@@ -43,6 +45,7 @@ class ReportSettings:
     probes: int = 10
     seed: int = 0
     tol: float = 1e-4
+    min_steps: int = MIN_STEPS
     split: str = "train"
     groups: tuple[str, ...] = ("head", "tail")
     densities: bool = True
@@ -54,8 +57,10 @@ class ReportSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise AnalysisError(f"{name} must be an integer >= 1, got {value!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise AnalysisError(f"seed must be an integer >= 0, got {self.seed!r}")
+        for name in ("seed", "min_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise AnalysisError(f"{name} must be an integer >= 0, got {value!r}")
         if not (isinstance(self.tol, (int, float)) and 0 < self.tol < 1):
             raise AnalysisError(f"tol must be in (0, 1), got {self.tol!r}")
         if self.split not in SPLITS:
