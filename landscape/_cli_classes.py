@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from landscape._cli_hessian import add_min_steps
+from landscape._cli_hessian import add_sweep_lanczos
 from landscape.classes import SweepSettings
 from landscape.errors import AnalysisError
 from landscape.options import AUTO_FLOAT64_MAX_PARAMS, DTYPES, SPLITS
@@ -30,11 +30,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("checkpoint", help="epoch_NNNN.pt, or a run folder (its newest checkpoint)")
     p.add_argument("--classes", default="all", help="all, or class ids 0,3,7 [all]")
     d = SweepSettings()  # its defaults, declared there
-    p.add_argument("--steps", type=int, default=d.steps,
-                   help=f"Lanczos steps at most for the extremes, and per SLQ probe [{d.steps}]")
-    add_min_steps(p)
-    p.add_argument("--tol", type=float, default=d.tol,
-                   help=f"relative residual tolerance of the extreme eigenpairs [{d.tol:g}]")
+    add_sweep_lanczos(p, d.steps, d.tol)
     p.add_argument("--seed", type=int, default=d.seed,
                    help=f"seed of Lanczos, the probes and the subsample [{d.seed}]")
     p.add_argument("--samples", type=int, help="at most N samples per class [all]")

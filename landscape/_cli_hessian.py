@@ -38,7 +38,7 @@ from landscape.options import (AUTO_FLOAT64_MAX_PARAMS, DTYPES, MIN_STEPS, SPLIT
                                TRACE_METHODS)
 from train.options import LOSSES
 
-__all__ = ["add_parser", "add_min_steps", "run_hessian", "run_spectrum"]
+__all__ = ["add_parser", "add_min_steps", "add_sweep_lanczos", "run_hessian", "run_spectrum"]
 
 
 def add_min_steps(p) -> None:
@@ -47,6 +47,17 @@ def add_min_steps(p) -> None:
     p.add_argument("--min_steps", type=int, default=MIN_STEPS,
                    help=f"Lanczos steps at least, so that a value inside the cluster near 0 "
                         f"does not pass for lambda_min (landscape.eigen) [{MIN_STEPS}]")
+
+
+def add_sweep_lanczos(p, steps: int, tol: float) -> None:
+    """``--steps``, ``--min_steps`` and ``--tol`` of ``classes``, ``report`` and ``demo``, whose
+    one cap on Lanczos steps serves the extremes and every SLQ probe (defaults: their settings
+    dataclasses')."""
+    p.add_argument("--steps", type=int, default=steps,
+                   help=f"Lanczos steps at most for the extremes, and per SLQ probe [{steps}]")
+    add_min_steps(p)
+    p.add_argument("--tol", type=float, default=tol,
+                   help=f"relative residual tolerance of the extreme eigenpairs [{tol:g}]")
 
 
 def _common(p) -> None:

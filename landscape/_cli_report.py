@@ -17,7 +17,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from landscape._cli_hessian import add_min_steps
+from landscape._cli_hessian import add_sweep_lanczos
 from landscape.errors import AnalysisError
 from landscape.options import AUTO_FLOAT64_MAX_PARAMS, DTYPES, SPLITS
 from landscape.report.settings import DEFAULT_SETTINGS as DEFAULT
@@ -34,15 +34,11 @@ def _add_report_options(p, threads: str = "torch's default") -> None:
     p.add_argument("--every", type=int, default=d.every,
                    help=f"use checkpoints whose epoch is a multiple of K (and the last) "
                         f"[{d.every}]")
-    p.add_argument("--steps", type=int, default=d.steps,
-                   help=f"Lanczos steps at most for the extremes, and per SLQ probe [{d.steps}]")
-    add_min_steps(p)
+    add_sweep_lanczos(p, d.steps, d.tol)
     p.add_argument("--probes", type=int, default=d.probes,
                    help=f"SLQ probes for the densities [{d.probes}]")
     p.add_argument("--seed", type=int, default=d.seed,
                    help=f"seed of Lanczos and of the probes [{d.seed}]")
-    p.add_argument("--tol", type=float, default=d.tol,
-                   help=f"relative residual tolerance of the extreme eigenpairs [{d.tol:g}]")
     p.add_argument("--split", choices=SPLITS, default=d.split,
                    help=f"the groups' samples [{d.split}]")
     p.add_argument("--groups", default=",".join(d.groups),
