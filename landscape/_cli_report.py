@@ -20,7 +20,7 @@ from pathlib import Path
 from landscape._cli_hessian import add_sweep_lanczos
 from landscape.errors import AnalysisError
 from landscape.options import AUTO_FLOAT64_MAX_PARAMS, DTYPES, SPLITS
-from landscape.report.settings import DEFAULT_SETTINGS as DEFAULT
+from landscape.report.settings import DEFAULT_SETTINGS
 from train.cli_base import add_threads, set_threads
 
 DEMO_OPTIMIZERS = ("sgd", "sam", "imbsam", "ssesam")
@@ -30,7 +30,7 @@ DEMO_TRAINING = {"dataset": "digits", "imb_factor": 20.0, "lr": 0.1}
 
 
 def _add_report_options(p, threads: str = "torch's default") -> None:
-    d = DEFAULT  # ReportSettings' defaults, declared there
+    d = DEFAULT_SETTINGS  # ReportSettings' defaults, declared there
     p.add_argument("--every", type=int, default=d.every,
                    help=f"use checkpoints whose epoch is a multiple of K (and the last) "
                         f"[{d.every}]")
@@ -81,8 +81,7 @@ def _settings(args):
     groups = tuple(g.strip() for g in args.groups.split(",") if g.strip())
     return ReportSettings(every=args.every, steps=args.steps, min_steps=args.min_steps,
                           probes=args.probes, seed=args.seed, tol=args.tol, split=args.split,
-                          groups=groups,
-                          densities=not args.no_densities, classes=args.classes,
+                          groups=groups, densities=not args.no_densities, classes=args.classes,
                           dtype=args.dtype)
 
 
